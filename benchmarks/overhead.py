@@ -1,0 +1,387 @@
+"""Overhead of LRP relative to ``jax.grad`` on VGG-16 (issue "Done when" point 6).
+
+Every method is a jitted function of ``(params, x)``; the parameters are ``jit`` arguments, never closed over
+(closed-over weights become XLA constants and compile 20-50x slower, DESIGN.md section 4). Compared:
+
+- ``forward``: ``model.apply(params, x)``;
+- ``grad``: ``jax.grad`` of ``out[:, target].sum()`` with respect to ``x`` (the baseline);
+- one LRP method per composite: ``jax.grad`` of the same scalar through
+  ``jaxlrp.lrp(lambda p, x: model.apply(p, x), composite, argnums=1)``.
+
+Each function is lowered and compiled first (trace and compile times are reported separately), called once to
+warm up, then timed in interleaved rounds: every round calls every method once (``block_until_ready``), with the
+order rotated from round to round, so that drift in machine load hits all methods alike. Reported: median, min and
+max per method, and the ratio of each median to grad's median next to the limit from DESIGN.md section 2.
+Memory is XLA's static buffer assignment (``compiled.memory_analysis()``: temp + argument + output bytes), as a
+ratio to grad's. The optimized HLO is summarised too (convolutions, reduce-windows, scatters, kernel reverses, fusions,
+XLA's flop estimate), which is where to look first when a ratio misses its limit.
+
+Usage::
+
+    python benchmarks/overhead.py                 # VGG-16, batch 8, 224x224, 7 rounds (minutes on 2 CPU cores)
+    python benchmarks/overhead.py --quick         # batch 2, 64x64: a smoke run of well under a minute
+    python benchmarks/overhead.py --methods forward,grad,Epsilon --repeats 5
+    python benchmarks/overhead.py --dump-hlo benchmarks/results/hlo   # write each optimized HLO module
+
+No assertion is made on the timings; the table marks ratios above their limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` and the local `jaxlrp` importable
+    sys.path.insert(0, str(_ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import models  # noqa: E402
+
+# Time limits (median / grad's median) from DESIGN.md section 2 "Cost"; memory goal for every LRP method.
+TIME_LIMITS = {
+    "Epsilon": 1.10,
+    "EpsilonPlusFlat": 1.5,
+    "EpsilonGammaBox": 2.0,
+    "EpsilonAlpha2Beta1": 2.0,
+}
+MEMORY_LIMIT = 1.3
+LRP_METHODS = tuple(TIME_LIMITS)
+ALL_METHODS = ("forward", "grad") + LRP_METHODS
+
+
+def make_composite(name: str):
+    """The composite of one LRP method (imported lazily: the baseline runs without the core)."""
+    import jaxlrp
+
+    if name == "Epsilon":
+        return jaxlrp.Composite(("linear", jaxlrp.Epsilon()))
+    if name == "EpsilonPlusFlat":
+        return jaxlrp.EpsilonPlusFlat()
+    if name == "EpsilonGammaBox":
+        return jaxlrp.EpsilonGammaBox(low=-3.0, high=3.0)
+    if name == "EpsilonAlpha2Beta1":
+        return jaxlrp.EpsilonAlpha2Beta1()
+    raise ValueError(f"unknown LRP method {name!r}; choose from {', '.join(LRP_METHODS)}")
+
+
+def build_functions(model: models.VGG, target: int, methods: tuple[str, ...]) -> dict[str, Callable]:
+    """The jitted ``(params, x) -> array`` function of every requested method."""
+
+    def apply(params, x):
+        return model.apply(params, x)
+
+    fns: dict[str, Callable] = {}
+    for name in methods:
+        if name == "forward":
+            fns[name] = jax.jit(apply)
+        elif name == "grad":
+            fns[name] = jax.jit(jax.grad(lambda p, x: apply(p, x)[:, target].sum(), argnums=1))
+        else:
+            import jaxlrp
+
+            explained = jaxlrp.lrp(apply, make_composite(name), argnums=1)
+            # Bind `explained` now: a late-binding closure would make every method use the last composite.
+            fns[name] = jax.jit(jax.grad(lambda p, x, g=explained: g(p, x)[:, target].sum(), argnums=1))
+    return fns
+
+
+_HLO_OPS = {
+    "convolution": re.compile(r"=\s*\S+\s+convolution\("),
+    "reduce_window": re.compile(r"=\s*\S+\s+reduce-window\("),
+    "select_and_scatter": re.compile(r"=\s*\S+\s+select-and-scatter\("),
+    "scatter": re.compile(r"=\s*\S+\s+scatter\("),  # max-pool backward on JAX 0.10 CPU
+    "reverse": re.compile(r"=\s*\S+\s+reverse\("),  # kernel flips of conv transposes
+    "dot": re.compile(r"=\s*\S+\s+dot\("),
+    "fusion": re.compile(r"=\s*\S+\s+fusion\("),
+    "custom_call": re.compile(r"=\s*\S+\s+custom-call\("),
+}
+
+
+def hlo_summary(compiled) -> dict[str, Any]:
+    """Op counts of the optimized HLO module and XLA's cost estimate."""
+    text = compiled.as_text()
+    counts = {op: len(pattern.findall(text)) for op, pattern in _HLO_OPS.items()}
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    counts["flops"] = float(cost.get("flops", float("nan")))
+    counts["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+    return counts
+
+
+def memory_summary(compiled) -> dict[str, int]:
+    """Static buffer sizes from XLA's buffer assignment; ``total`` = temp + argument + output bytes."""
+    stats = compiled.memory_analysis()
+    out = {
+        "temp": int(stats.temp_size_in_bytes),
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "alias": int(stats.alias_size_in_bytes),
+    }
+    out["total"] = out["temp"] + out["argument"] + out["output"]
+    peak = getattr(stats, "peak_memory_in_bytes", None)
+    if peak is not None:
+        out["peak_reported"] = int(peak)
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import flax
+
+    device = jax.devices()[0]
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": _git_commit(),
+    }
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(_ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(_ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode:
+            return None
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _sync(tree) -> None:
+    jax.block_until_ready(tree)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    methods = tuple(args.methods)
+    if "grad" not in methods:
+        raise SystemExit("--methods must include 'grad' (the baseline of every ratio)")
+    if any(m in LRP_METHODS for m in methods):
+        import jaxlrp
+
+        if not hasattr(jaxlrp, "lrp"):
+            raise SystemExit("jaxlrp.lrp is not available (core not built yet?); "
+                             "run the baseline only with --methods forward,grad")
+
+    model = models.vgg16(num_classes=args.num_classes) if args.model == "vgg16" else models.vgg16_small()
+    params, x = models.init(model, args.seed, batch=args.batch, size=args.size)
+    _sync((params, x))
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+    target = args.target % model.num_classes
+    log = print if not args.quiet else (lambda *a, **k: None)
+    log(f"model {args.model}: {n_params / 1e6:.1f} M parameters; input {tuple(x.shape)}; target class {target}")
+
+    fns = build_functions(model, target, methods)
+
+    results: dict[str, dict[str, Any]] = {}
+    compiled: dict[str, Any] = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        lowered = fn.lower(params, x)  # tracing (and, for LRP, the jaxpr analysis and interpretation)
+        t1 = time.perf_counter()
+        exe = lowered.compile()
+        t2 = time.perf_counter()
+        out = exe(params, x)  # first call: allocation and warm-up, not timed with the rounds
+        _sync(out)
+        t3 = time.perf_counter()
+        compiled[name] = exe
+        results[name] = {
+            "trace_s": t1 - t0,
+            "compile_s": t2 - t1,
+            "first_call_s": t3 - t2,
+            "memory_bytes": memory_summary(exe),
+            "hlo": hlo_summary(exe),
+        }
+        if args.dump_hlo:
+            Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
+            (Path(args.dump_hlo) / f"{name}.hlo.txt").write_text(exe.as_text())
+        log(f"  {name:<20} trace {t1 - t0:6.2f} s  compile {t2 - t1:6.2f} s  first call {t3 - t2:6.2f} s")
+
+    # Sanity of the explanations (recorded, not asserted): finite relevance, and how much of the score it keeps.
+    score = np.asarray(compiled["forward"](params, x) if "forward" in compiled else model.apply(params, x))[:, target]
+    for name in methods:
+        if name in LRP_METHODS:
+            rel = np.asarray(compiled[name](params, x), dtype=np.float64)
+            per_sample = rel.reshape(rel.shape[0], -1).sum(axis=1)
+            results[name]["sanity"] = {
+                "finite": bool(np.isfinite(rel).all()),
+                "relevance_sum": per_sample.tolist(),
+                "score": score.astype(np.float64).tolist(),
+            }
+
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            exe = compiled[name]
+            t0 = time.perf_counter()
+            out = exe(params, x)
+            _sync(out)
+            times[name].append(time.perf_counter() - t0)
+            del out
+        log(f"  round {r + 1}/{args.repeats}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f}" for n in names) + " ms")
+
+    grad_median = statistics.median(times["grad"])
+    grad_memory = results["grad"]["memory_bytes"]["total"]
+    grad_convs = results["grad"]["hlo"]["convolution"]
+    for name in methods:
+        t = times[name]
+        res = results[name]
+        res["times_s"] = t
+        res["median_s"] = statistics.median(t)
+        res["min_s"] = min(t)
+        res["max_s"] = max(t)
+        res["ratio"] = res["median_s"] / grad_median
+        res["ratio_min"] = res["min_s"] / min(times["grad"])
+        res["memory_ratio"] = res["memory_bytes"]["total"] / grad_memory
+        res["time_limit"] = TIME_LIMITS.get(name)
+        res["memory_limit"] = MEMORY_LIMIT if name in LRP_METHODS else None
+        res["within_time_limit"] = None if name not in TIME_LIMITS else res["ratio"] <= TIME_LIMITS[name]
+        res["within_memory_limit"] = None if name not in LRP_METHODS else res["memory_ratio"] <= MEMORY_LIMIT
+        res["convolution_ratio"] = res["hlo"]["convolution"] / grad_convs if grad_convs else None
+
+    return {
+        "benchmark": "overhead",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {
+            "model": args.model,
+            "parameters": n_params,
+            "batch": args.batch,
+            "size": args.size,
+            "input_shape": list(x.shape),
+            "dtype": str(x.dtype),
+            "target": target,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "params_as_jit_arguments": True,
+            "memory": "compiled.memory_analysis(): temp + argument + output bytes",
+        },
+        "limits": {"time": TIME_LIMITS, "memory": MEMORY_LIMIT},
+        "results": results,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    m, c = report["machine"], report["config"]
+    lines = [
+        f"VGG-16 overhead ({c['model']}, batch {c['batch']}, {c['size']}x{c['size']}, {c['dtype']}, "
+        f"{c['repeats']} interleaved rounds, params as jit arguments)  ",
+        f"Machine: {m['device_kind']} ({m['backend']}), {m['cpu_count']} CPUs ({m['processor']}), {m['platform']}; "
+        f"jax {m['jax']}, flax {m['flax']}, python {m['python']}; jaxlrp {m['git_commit']}",
+        "",
+        "| method | trace s | compile s | median ms | min ms | max ms | time / grad | limit | "
+        "memory MB | mem / grad | convs (HLO) | GFLOP (XLA) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        limit = r["time_limit"]
+        mark = "" if limit is None else (" ok" if r["within_time_limit"] else " **over**")
+        mem_mark = "" if r["memory_limit"] is None else (" ok" if r["within_memory_limit"] else " **over**")
+        limit_s = "" if limit is None else f"<= {limit:.2f}"
+        lines.append(
+            f"| {name} | {r['trace_s']:.2f} | {r['compile_s']:.2f} | {r['median_s'] * 1e3:.0f} | "
+            f"{r['min_s'] * 1e3:.0f} | {r['max_s'] * 1e3:.0f} | {r['ratio']:.2f}x{mark} | {limit_s} | "
+            f"{r['memory_bytes']['total'] / 2**20:.0f} | {r['memory_ratio']:.2f}x{mem_mark} | "
+            f"{r['hlo']['convolution']} | {r['hlo']['flops'] / 1e9:.1f} |"
+        )
+    lines.append("")
+    lines.append(f"Limits: time / grad as listed (DESIGN.md section 2); memory / grad <= {MEMORY_LIMIT} for LRP methods.")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224, help="input height and width (multiple of 32)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (>= 5 recommended)")
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 2, 64x64 (overrides --batch/--size)")
+    p.add_argument("--model", choices=("vgg16", "small"), default="vgg16",
+                   help="'small' is VGG-16's structure with narrow layers (models.vgg16_small)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--target", type=int, default=0, help="explained class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
+                   default=ALL_METHODS, help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    p.add_argument("--json", default=str(_ROOT / "benchmarks" / "results" / "overhead.json"),
+                   help="where to write the JSON report ('' to skip)")
+    p.add_argument("--dump-hlo", default="", help="folder to write each method's optimized HLO into")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.size = 2, 64
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.repeats < 5:
+        print(f"warning: {args.repeats} rounds; medians are only meaningful with >= 5", file=sys.stderr)
+    return args
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    report = run(args)
+    print()
+    print(markdown_table(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""`lrp`: trace, canonicalise, analyse, assign rules, interpret with rule ops in gradient form."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlrp import _jax
+from jaxlrp._composites import Composite, OpInfo
+from jaxlrp._errors import RulePlacementError, UnsupportedOpError
+from jaxlrp._graph import Analysis, Unit, analyse
+from jaxlrp._jax import Lit, bind, bind_with
+from jaxlrp._rules import LayerMath, Rule, ZBox, compute_dtype, stabilize
+
+__all__ = ["lrp", "plan"]
+
+_SHAPE_OPS = ("reshape", "squeeze", "expand_dims")
+_WEIGHT_TRACE_OPS = ("convert_element_type", "transpose", "reshape", "squeeze", "expand_dims", "copy",
+                     "broadcast_in_dim", "reduce_precision", "sharding_constraint", "device_put")
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything `lrp` decides before running: the program, what was recognised, and the rule of each op."""
+
+  program: _jax.Program
+  analysis: Analysis
+  ops: list  # OpInfo per unit
+  rules: list  # Rule per unit
+  out_tree: Any
+  strict: bool
+  leaf_shapes: dict  # explained leaf id -> shape
+
+
+# ---- planning -----------------------------------------------------------------------------------------------------
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _arg_paths(args) -> tuple[list, list]:
+  """Flat leaves of `args` with their '/'-joined key paths (without the argument index)."""
+  flat, paths = [], []
+  for arg in args:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
+      flat.append(leaf)
+      paths.append("/".join(_key_name(k) for k in path))
+  return flat, paths
+
+
+def _weight_path(analysis: Analysis, wid, paths: dict):
+  hops = 0
+  while wid is not None and wid not in paths and wid in analysis.producer and hops < 16:
+    e = analysis.producer[wid]
+    ids = [a for a in e.ins if isinstance(a, int)]
+    if e.prim_name not in _WEIGHT_TRACE_OPS or len(ids) != 1:
+      return None
+    wid, hops = ids[0], hops + 1
+  return paths.get(wid)
+
+
+def plan(f: Callable, composite: Composite, args: Sequence, argnums, strict: bool = True) -> Plan:
+  """Traces `f(*args)` and decides the rule of every recognised op (used by `lrp` and `show_rules`)."""
+  if not isinstance(composite, Composite):
+    raise TypeError(f"lrp needs a jaxlrp.Composite (e.g. jaxlrp.EpsilonPlusFlat()); got {composite!r}. "
+                    f"A single rule can be wrapped as jaxlrp.Composite(('linear', rule)).")
+  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  if not nums or any(not isinstance(i, int) or not -len(args) <= i < len(args) for i in nums):
+    raise ValueError(f"argnums={argnums!r} does not index the {len(args)} positional arguments.")
+  nums = tuple(i % len(args) for i in nums)
+  closed, out_tree = _jax.make_jaxpr(f, *args)
+  program = _jax.flatten_program(closed)
+  _, paths = _arg_paths(args)
+  sizes = [len(jax.tree_util.tree_leaves(a)) for a in args]
+  offsets = np.cumsum([0] + sizes)
+  explained = [program.invars[j] for i in nums for j in range(offsets[i], offsets[i + 1])]
+  if not explained:
+    raise ValueError(f"Argument(s) {nums} of {getattr(f, '__name__', 'f')} hold no arrays to explain.")
+  for i in explained:
+    aval = program.avals[i]
+    if not _jax.is_float(aval):
+      where = paths[program.invars.index(i)] or f"argument {nums}"
+      raise TypeError(
+          f"jaxlrp explains floating-point inputs, but {where} has dtype {aval.dtype} (shape {aval.shape}). "
+          f"For token ids, explain the embedding output instead (pass the embedded array as the argument), "
+          f"or pass argnums for the float argument.")
+  analysis = analyse(program, explained)
+  path_of = dict(zip(program.invars, paths))
+  first_cache: dict = {}
+  last_cache: dict = {}
+
+  def is_first(unit, kinds):
+    if kinds not in first_cache:
+      first_cache[kinds] = analysis.first_units(kinds)
+    return unit in first_cache[kinds]
+
+  def is_last(unit, kinds):
+    if kinds not in last_cache:
+      last_cache[kinds] = analysis.last_units(kinds)
+    return unit in last_cache[kinds]
+
+  ops = [
+      OpInfo(u.index, u.kind, u.name, _weight_path(analysis, u.weight, path_of), _jax.source_line(u.main),
+             functools.partial(is_first, u), functools.partial(is_last, u))
+      for u in analysis.units
+  ]
+  rules = composite.assign(ops)
+  leaf_shapes = {i: tuple(program.avals[i].shape) for i in explained}
+  result = Plan(program, analysis, ops, rules, out_tree, strict, leaf_shapes)
+  _check_placement(result)
+  return result
+
+
+def _where(op: OpInfo) -> str:
+  loc = f" ({op.source})" if op.source else ""
+  return f"{op.kind} op #{op.index} at {op.name or '<top level>'}{loc}" + (f", parameter {op.path}" if op.path else "")
+
+
+def _check_placement(p: Plan) -> None:
+  a = p.analysis
+  for unit, op, rule in zip(a.units, p.ops, p.rules):
+    if not rule.input_rule:
+      continue
+    if unit.data_ins[0] not in a.relevance_form:
+      raise RulePlacementError(
+          f"{type(rule).__name__} is an input-layer rule (it produces relevance of the explained input), but it "
+          f"was assigned to the {_where(op)}, whose input is computed from the explained input by other layers "
+          f"or nonlinear ops. Assign it with jaxlrp.First() (the layer that reads the input), or use a rule "
+          f"such as Epsilon or Gamma here.")
+    if isinstance(rule, ZBox):
+      root = a.explained_root(unit.data_ins[0])
+      shape = p.leaf_shapes[root]
+      for label, bound in (("low", rule.low), ("high", rule.high)):
+        if bound is None:
+          raise ValueError("ZBox needs both bounds: ZBox(low, high), e.g. ZBox(0.0, 1.0) for images in [0, 1].")
+        try:
+          ok = np.broadcast_shapes(np.shape(bound), shape) == shape
+        except ValueError:
+          ok = False
+        if not ok:
+          raise ValueError(
+              f"ZBox bound `{label}` has shape {np.shape(bound)}, which does not broadcast to the explained "
+              f"input's shape {shape} (used by the {_where(op)}). Pass a scalar, a per-channel array such as "
+              f"shape {shape[-1:]}, or an array of the input's shape. Under jax.vmap the input has no batch axis.")
+
+
+# ---- rule ops -----------------------------------------------------------------------------------------------------
+
+def _cast(x, dtype):
+  return jnp.asarray(x).astype(dtype)
+
+
+def _replay(eqns, env: dict) -> dict:
+  """Binds `eqns` in order, reading and writing `env` (id -> value); literals are read in place."""
+  for e in eqns:
+    outs = bind(e, *[a.val if isinstance(a, Lit) else env[a] for a in e.ins])
+    env.update(zip(e.outs, outs))
+  return env
+
+
+def _lin_fn(unit: Unit, consts: dict, dtype) -> Callable:
+  """`(v, V) -> main(v; V)` followed by the epilogue's shape-only ops, in `dtype` (for the rule's backward)."""
+  main = unit.main
+  wpos = 1 - unit.data_pos[0]
+  overrides = {"preferred_element_type": None} if "preferred_element_type" in main.params else {}
+
+  def lin(v, V):
+    args = []
+    for i, a in enumerate(main.ins):
+      if i == unit.data_pos[0]:
+        args.append(v)
+      elif i == wpos:
+        args.append(V)
+      else:
+        args.append(_cast(a.val if isinstance(a, Lit) else consts[a], dtype))
+    out = bind_with(main, args, **overrides)[0]
+    for e in unit.epilogue:
+      if e.prim_name in _SHAPE_OPS:
+        out = bind_with(e, [out])[0]
+    return out
+
+  return lin
+
+
+def _affine(unit: Unit, consts: dict, u_shape, dtype):
+  """The folded epilogue `z = u * s + t`: `t = E(0)`, `s = E(1) - t` (s is None when the epilogue only shifts)."""
+
+  def run(u):
+    cur_id, cur = unit.main.outs[0], u
+    for e in unit.epilogue:
+      if e.prim_name == "convert_element_type":
+        pass
+      elif e.prim_name in _SHAPE_OPS:
+        cur = bind_with(e, [cur])[0]
+      else:
+        args = [cur if a == cur_id else _cast(a.val if isinstance(a, Lit) else consts[a], dtype) for a in e.ins]
+        cur = bind_with(e, args)[0]
+      cur_id = e.outs[0]
+    return cur
+
+  t = run(jnp.zeros(u_shape, dtype))
+  s = run(jnp.ones(u_shape, dtype)) - t if unit.has_scale else None
+  return s, t
+
+
+def _layer_op(unit: Unit, rule: Rule, bounds_given: bool):
+  """A custom-VJP op replaying `unit` forward bit for bit; its backward is `rule.propagate`."""
+  data_id = unit.data_ins[0]
+  const_ids = unit.const_ins
+  treedef = jax.tree_util.tree_structure(rule)
+
+  def forward(x, consts):
+    env = _replay(unit.eqns, {data_id: x, **dict(zip(const_ids, consts))})
+    return env[unit.outs[0]]
+
+  @jax.custom_vjp
+  def op(x, consts, leaves, bounds):
+    return forward(x, consts)
+
+  def fwd(x, consts, leaves, bounds):
+    z = forward(x, consts)
+    return z, (x, consts, leaves, bounds, z)
+
+  def bwd(res, g):
+    x, consts, leaves, bounds, z = res
+    rule_ = jax.tree_util.tree_unflatten(treedef, leaves)
+    cd = compute_dtype(x.dtype)
+    env = dict(zip(const_ids, consts))
+    lin = _lin_fn(unit, env, cd)
+    s, t = _affine(unit, env, unit.main.out_avals[0].shape, cd)
+    xc = x.astype(cd)
+    w = env[unit.weight].astype(cd) if unit.weight is not None else None
+    if w is None:
+      raise RulePlacementError(f"{type(rule_).__name__} needs a weight operand; {unit.kind} ops have none.")
+    m = LayerMath(lin, xc, w, z.astype(cd), s, t, unit.nonneg_input and not rule_.input_rule,
+                  tuple(_cast(b, cd) for b in bounds) if bounds_given else None)
+    out = rule_.propagate(m, z.astype(cd) * g.astype(cd))
+    return out.astype(x.dtype), None, None, None
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+@jax.custom_vjp
+def _rescale(z, t, epsilon):
+  return z
+
+
+def _rescale_fwd(z, t, epsilon):
+  return z, (z, t, epsilon)
+
+
+def _rescale_bwd(res, g):
+  z, t, epsilon = res
+  cd = compute_dtype(z.dtype)
+  zc = z.astype(cd)
+  out = g.astype(cd) * zc / stabilize(zc - t.astype(cd), jnp.asarray(epsilon, cd))
+  return out.astype(z.dtype), None, None
+
+
+_rescale.defvjp(_rescale_fwd, _rescale_bwd)
+
+
+def _region_op(unit: Unit):
+  """Identity rule for an activation region `a_k = phi_k(z)`: `g_z = sum_k g_k * a_k / stab(z)`."""
+  root = unit.data_ins[0]
+  const_ids = unit.const_ins
+
+  def forward(z, consts):
+    env = _replay(unit.eqns, {root: z, **dict(zip(const_ids, consts))})
+    return [env[o] for o in unit.outs]
+
+  @jax.custom_vjp
+  def op(z, consts, epsilon):
+    return forward(z, consts)
+
+  def fwd(z, consts, epsilon):
+    outs = forward(z, consts)
+    return outs, (z, outs, epsilon)
+
+  def bwd(res, gs):
+    z, outs, epsilon = res
+    cd = compute_dtype(z.dtype)
+    rel = sum(g.astype(cd) * a.astype(cd) for g, a in zip(gs, outs))
+    gz = rel / stabilize(z.astype(cd), jnp.asarray(epsilon, cd))
+    return gz.astype(z.dtype), None, None
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+@jax.custom_vjp
+def _to_gradient_form(x):
+  return x
+
+
+def _tgf_fwd(x):
+  return x, x
+
+
+def _tgf_bwd(x, g):
+  cd = compute_dtype(x.dtype)
+  return ((x.astype(cd) * g.astype(cd)).astype(x.dtype),)
+
+
+_to_gradient_form.defvjp(_tgf_fwd, _tgf_bwd)
+
+
+def _pass_op(eqn, data_pos: int):
+  """An elementwise affine op of the input region: forward unchanged, relevance passes through unchanged."""
+
+  @jax.custom_vjp
+  def op(x, others):
+    args = list(others)
+    args.insert(data_pos, x)
+    return bind(eqn, *args)[0]
+
+  def fwd(x, others):
+    return op(x, others), x
+
+  def bwd(x, g):
+    return g.astype(x.dtype), None
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+def _unsupported_op(eqn, message: str):
+  """Binds `eqn` unchanged; raises `UnsupportedOpError` only if relevance actually reaches it."""
+
+  @jax.custom_vjp
+  def op(*args):
+    return bind(eqn, *args)
+
+  def fwd(*args):
+    return bind(eqn, *[a.value for a in args]), None
+
+  def bwd(_, gs):
+    if any(not isinstance(g, _jax.SymbolicZero) for g in gs):
+      raise UnsupportedOpError(message)
+    return (None,) * len(eqn.ins)
+
+  op.defvjp(fwd, bwd, symbolic_zeros=True)
+  return op
+
+
+def _unsupported_message(eqn, reason: str) -> str:
+  src = _jax.source_line(eqn)
+  return (
+      f"jaxlrp has no LRP rule for {reason} (primitive `{eqn.prim_name}`) at "
+      f"{eqn.name or '<top level>'}{' (' + src + ')' if src else ''}, and relevance reaches it from the output.\n"
+      f"Fix: restructure the model so this op is one jaxlrp recognises (see jaxlrp.show_rules), or pass "
+      f"strict=False to jaxlrp.lrp to propagate its plain gradient (gradient x input) through it.")
+
+
+# ---- interpretation -----------------------------------------------------------------------------------------------
+
+def _bounds(p: Plan, unit: Unit, rule: ZBox, env: dict):
+  """ZBox bounds mapped from the explained input's units through the input region to the layer's input."""
+  a = p.analysis
+  target = unit.data_ins[0]
+  root = a.explained_root(target)
+  chain = a.region_chain(target)
+  dtype = p.program.avals[root].dtype
+  mapped = []
+  for bound in (rule.low, rule.high):
+    local = dict(env)
+    local[root] = jnp.broadcast_to(jnp.asarray(bound, dtype), p.leaf_shapes[root])
+    mapped.append(_replay(chain, local)[target])
+  return jnp.minimum(*mapped), jnp.maximum(*mapped)
+
+
+def run(p: Plan, flat_args: Sequence) -> list:
+  """Evaluates the planned program on `flat_args` with rule ops bound in place of the recognised units."""
+  prog, a = p.program, p.analysis
+  env: dict = dict(zip(prog.constvars, prog.consts))
+  env.update(zip(prog.invars, flat_args))
+  grad_form: dict = {}
+  input_region = set(a.input_region)
+  unsupported = dict(a.unsupported)
+
+  def read(x):
+    return x.val if isinstance(x, Lit) else env[x]
+
+  def read_grad(x):
+    """Reads a value for a gradient-form consumer: input-region values get converted once."""
+    if isinstance(x, int) and x in a.relevance_form:
+      if x not in grad_form:
+        grad_form[x] = _to_gradient_form(env[x])
+      return grad_form[x]
+    return read(x)
+
+  for e in prog.eqns:
+    if e not in a.live:
+      continue
+    unit = a.unit_of.get(e)
+    if unit is not None:
+      if e is unit.eqns[-1]:
+        env.update(zip(unit.outs, _emit(p, unit, env, read, read_grad)))
+      continue
+    if e in input_region:
+      dpos = [i for i, x in enumerate(e.ins) if isinstance(x, int) and x in a.relevance_form]
+      if e.prim_name in ("add", "sub", "mul", "div", "neg"):
+        others = [read(x) for i, x in enumerate(e.ins) if i != dpos[0]]
+        outs = [_pass_op(e, dpos[0])(read(e.ins[dpos[0]]), others)]
+      else:
+        outs = bind(e, *[read(x) for x in e.ins])
+    elif e in unsupported and p.strict:
+      outs = _unsupported_op(e, _unsupported_message(e, unsupported[e]))(*[read_grad(x) for x in e.ins])
+    else:
+      outs = bind(e, *[read_grad(x) for x in e.ins])
+    env.update(zip(e.outs, outs))
+  return [read_grad(x) for x in prog.outvars]
+
+
+def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
+  rule = p.rules[unit.index]
+  if unit.kind == "activation":
+    if rule.mode == "gradient" or unit.relu_only:
+      return _replay_unit(unit, read, read_grad)
+    consts = [read(c) for c in unit.const_ins]
+    return _region_op(unit)(read_grad(unit.data_ins[0]), consts, rule.epsilon)
+  if rule.mode == "gradient":
+    return _replay_unit(unit, read, read_grad)
+  if rule.mode == "rescale":
+    (z,) = _replay_unit(unit, read, read_grad)
+    t = jnp.zeros((), z.dtype)
+    if getattr(rule, "zero_bias", False):
+      cd = compute_dtype(z.dtype)
+      consts = {c: read(c) for c in unit.const_ins}
+      t = _affine(unit, consts, unit.main.out_avals[0].shape, cd)[1]
+    return [_rescale(z, t, rule.epsilon)]
+  x = read(unit.data_ins[0]) if rule.input_rule else read_grad(unit.data_ins[0])
+  consts = [read(c) for c in unit.const_ins]
+  is_box = isinstance(rule, ZBox)
+  bounds = _bounds(p, unit, rule, env) if is_box else ()
+  return [_layer_op(unit, rule, is_box)(x, consts, jax.tree_util.tree_leaves(rule), bounds)]
+
+
+def _replay_unit(unit: Unit, read, read_grad) -> list:
+  env = {d: read_grad(d) for d in unit.data_ins}
+  env.update({c: read(c) for c in unit.const_ins})
+  _replay(unit.eqns, env)
+  return [env[o] for o in unit.outs]
+
+
+# ---- the transform ------------------------------------------------------------------------------------------------
+
+def lrp(f: Callable, composite: Composite, *, argnums: int | Sequence[int] = 0, strict: bool = True) -> Callable:
+  r"""Transforms `f` so that its gradient is the LRP relevance of `args[argnums]`.
+
+  `g = lrp(f, composite)` has `f`'s signature and returns exactly `f(*args)` (the forward is the original
+  computation, bit for bit). Its VJP is replaced layer by layer with the composite's rules, so
+
+  - `jax.grad(lambda *a: g(*a)[b, t])(*args)` is the relevance of `args[argnums]` when the output relevance is
+    the score `f(*args)[b, t]` (the relevance of an output is its value times the cotangent);
+  - `jax.vjp(g, *args)` with cotangent `c` explains the output weighted by `c`;
+  - `jit`, `vmap`, grad-of-grad and `jax.checkpoint` compose with `g`.
+
+  Arguments other than `argnums` (typically the parameters) are constants of the explanation. Pass the
+  parameters as an argument rather than closing over them to select layers by parameter path and to keep
+  compilation fast. `f` is traced at every call of `g`; wrap `g` (or the gradient) in `jax.jit`.
+
+  Args:
+    f: a function of arrays (pure `jax.numpy`, Flax linen `model.apply`, nnx or Equinox code).
+    composite: a `jaxlrp.Composite` (e.g. `jaxlrp.EpsilonPlusFlat()`).
+    argnums: the argument (or tuple of arguments) to explain.
+    strict: with `True`, relevance reaching an op jaxlrp has no rule for raises `UnsupportedOpError`; with
+      `False` such ops propagate their plain gradient.
+
+  Returns:
+    A function with `f`'s signature and outputs.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxlrp
+    >>> def f(params, x):
+    ...   h = jax.nn.relu(x @ params["w1"] + params["b1"])
+    ...   return h @ params["w2"]
+    >>> params = {"w1": jnp.array([[1.0, -1.0], [2.0, 1.0]]), "b1": jnp.zeros(2), "w2": jnp.array([[1.0], [1.0]])}
+    >>> x = jnp.array([1.0, 1.0])
+    >>> g = jaxlrp.lrp(f, jaxlrp.Composite(("dense", jaxlrp.Epsilon())), argnums=1)
+    >>> bool(jnp.array_equal(g(params, x), f(params, x)))
+    True
+    >>> r = jax.grad(lambda x: g(params, x)[0])(x)
+    >>> round(float(r.sum()), 4)  # relevance is conserved: the score is 3
+    3.0
+  """
+  if not isinstance(composite, Composite):
+    raise TypeError(f"lrp needs a jaxlrp.Composite (e.g. jaxlrp.EpsilonPlusFlat()); got {composite!r}. "
+                    f"A single rule can be wrapped as jaxlrp.Composite(('linear', rule)).")
+
+  @functools.wraps(f)
+  def transformed(*args):
+    p = plan(f, composite, args, argnums, strict)
+    flat = jax.tree_util.tree_leaves(args)
+    return jax.tree_util.tree_unflatten(p.out_tree, run(p, flat))
+
+  return transformed

@@ -1,0 +1,372 @@
+"""Program analysis: which equations touch the explained data, and which LRP structures they form.
+
+Works on the flattened program of `_jax.flatten_program`. Finds, on the data path from the explained input:
+- linear layers (`dot_general` / `conv_general_dilated` with exactly one data operand) and their affine epilogue
+  (bias, scale, casts and size-preserving reshapes by data-independent operands), also parameter-free linear ops
+  (`reduce_sum` with its mean division, average pooling) and residual adds;
+- activation regions (elementwise chains rooted at one data value);
+- the input region (casts, reshapes and elementwise affine preprocessing between the input and the first layers),
+  where the propagated quantity is relevance itself rather than a gradient;
+- max pools, structural ops whose ordinary VJP is already the proportional rule, and unsupported ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from jaxlrp._jax import Eqn, Lit, P, Program, is_float
+
+# Ops that only move, copy, select or cast elements: their ordinary VJP already is the proportional rule.
+STRUCTURAL = frozenset(
+    p.name
+    for p in (
+        P.reshape_p, P.transpose_p, P.broadcast_in_dim_p, P.concatenate_p, P.slice_p, P.pad_p, P.squeeze_p,
+        P.convert_element_type_p, P.rev_p, P.copy_p, P.gather_p, P.dynamic_slice_p, P.select_n_p,
+        P.reduce_precision_p, P.dynamic_update_slice_p, P.sharding_constraint_p,
+    )
+) | {"expand_dims", "copy_p", "device_put"}
+
+# Structural ops that may sit between the explained input and the first layer (input region).
+_PERMUTING = frozenset(
+    p.name
+    for p in (
+        P.reshape_p, P.transpose_p, P.broadcast_in_dim_p, P.slice_p, P.squeeze_p, P.convert_element_type_p,
+        P.rev_p, P.copy_p, P.reduce_precision_p, P.sharding_constraint_p,
+    )
+) | {"expand_dims", "device_put"}
+
+_AFFINE = frozenset({"add", "sub", "mul", "div", "neg", "convert_element_type"})
+_ADDITIVE = frozenset({"add", "sub", "add_any"})
+
+# Elementwise primitives allowed inside an activation region.
+ELEMENTWISE = frozenset(
+    {
+        "add", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "exp", "exp2", "log", "log1p", "expm1",
+        "tanh", "logistic", "erf", "erfc", "erf_inv", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow", "square",
+        "sin", "cos", "tan", "atan", "sinh", "cosh", "asinh", "select_n", "clamp", "convert_element_type",
+        "custom_jvp_call", "reduce_precision", "copy", "nextafter", "floor", "ceil", "round", "is_finite",
+    }
+)
+_LINEAR_ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "neg", "convert_element_type", "copy",
+                                 "reduce_precision", "select_n"})
+
+KINDS = ("dense", "conv", "activation", "add", "sum", "avg_pool", "max_pool")
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class Unit:
+  """A recognised structure on the data path, replaced by one rule op during interpretation."""
+
+  kind: str
+  eqns: list  # member equations in program order; the unit is emitted at the last one
+  data_ins: list  # ids of the data operands
+  outs: list  # ids visible outside the unit
+  main: Eqn  # the linear op, or the first equation of a region
+  data_pos: tuple = ()  # positions of the data operands among main.ins
+  weight: Optional[int] = None  # id of the weight operand of a dense/conv layer
+  epilogue: list = dataclasses.field(default_factory=list)
+  has_scale: bool = False  # the epilogue multiplies or divides (the folded scale s is not 1)
+  relu_only: bool = False  # an activation region made only of relu
+  nonneg_input: bool = False  # the data input is known to be >= 0 (sign fact)
+  index: int = -1
+
+  @property
+  def name(self) -> str:
+    return self.main.name
+
+  def __repr__(self):
+    return f"Unit({self.kind} #{self.index} at {self.name or '-'}: {[e.prim_name for e in self.eqns]})"
+
+  @property
+  def const_ins(self) -> list:
+    """Ids of non-data operands used by member equations, in first-use order, excluding internal values."""
+    internal = {o for e in self.eqns for o in e.outs}
+    seen, result = set(self.data_ins), []
+    for e in self.eqns:
+      for a in e.ins:
+        if isinstance(a, int) and a not in internal and a not in seen:
+          seen.add(a)
+          result.append(a)
+    return result
+
+
+@dataclasses.dataclass
+class Analysis:
+  program: Program
+  explained: list  # ids of the explained leaves
+  live: set  # equations that reach an output
+  data: set  # ids of floating values that depend on the explained input
+  relevance_form: set  # ids in the input region (the propagated quantity is relevance there)
+  input_region: list  # equations of the input region, in order
+  units: list
+  unit_of: dict  # eqn -> unit
+  unsupported: list  # (eqn, reason)
+  producer: dict  # id -> eqn
+  nonneg: set
+
+  # ---- position queries used by First()/Last() selectors --------------------------------------------------------
+  def first_units(self, kinds) -> set:
+    reached: set = set()  # ids downstream of a layer of `kinds`
+    firsts = set()
+    for e in self._data_eqns():
+      unit = self.unit_of.get(e)
+      ins_reached = any(isinstance(a, int) and a in reached for a in e.ins)
+      if unit is not None and unit.main is e and unit.kind in kinds:
+        if not any(d in reached for d in unit.data_ins):
+          firsts.add(unit)
+        reached.update(e.outs)
+      elif ins_reached:
+        reached.update(e.outs)
+    return firsts
+
+  def last_units(self, kinds) -> set:
+    feeds: set = set()  # ids upstream of a layer of `kinds`
+    lasts = set()
+    for e in reversed(self._data_eqns()):
+      unit = self.unit_of.get(e)
+      if unit is not None and unit.eqns[-1] is e and unit.kind in kinds:
+        if not any(o in feeds for o in unit.outs):
+          lasts.add(unit)
+      outs_feed = any(o in feeds for o in e.outs)
+      if unit is not None and unit.main is e and unit.kind in kinds:
+        feeds.update(a for a in e.ins if isinstance(a, int))
+      elif outs_feed or (unit is not None and any(o in feeds for o in unit.outs)):
+        feeds.update(a for a in e.ins if isinstance(a, int))
+    return lasts
+
+  def _data_eqns(self):
+    return [e for e in self.program.eqns if e in self.live and any(
+        isinstance(a, int) and a in self.data for a in e.ins)]
+
+  def region_chain(self, target: int) -> list:
+    """The input-region equations that `target` is computed from, in order."""
+    needed, chain = {target}, []
+    for e in reversed(self.input_region):
+      if any(o in needed for o in e.outs):
+        chain.append(e)
+        needed.update(a for a in e.ins if isinstance(a, int) and a in self.relevance_form)
+    return chain[::-1]
+
+  def explained_root(self, target: int) -> int:
+    """The explained leaf that an input-region value derives from."""
+    v = target
+    while v not in self.explained:
+      e = self.producer[v]
+      v = next(a for a in e.ins if isinstance(a, int) and a in self.relevance_form)
+    return v
+
+
+def _is_relu(e: Eqn) -> bool:
+  if e.prim_name == "custom_jvp_call":
+    return e.params.get("name") == "relu"
+  if e.prim_name == "max":
+    return any(isinstance(a, Lit) and np.all(np.asarray(a.val) == 0) for a in e.ins)
+  return False
+
+
+def analyse(program: Program, explained: list) -> Analysis:
+  avals = program.avals
+  producer = {o: e for e in program.eqns for o in e.outs}
+
+  # Liveness: equations that reach an output.
+  needed = {a for a in program.outvars if isinstance(a, int)}
+  live = set()
+  for e in reversed(program.eqns):
+    if any(o in needed for o in e.outs) or e.params.get("effects"):
+      live.add(e)
+      needed.update(a for a in e.ins if isinstance(a, int))
+
+  uses: dict = {}
+  for e in program.eqns:
+    if e in live:
+      for a in e.ins:
+        if isinstance(a, int):
+          uses.setdefault(a, []).append(e)
+  outputs = {a for a in program.outvars if isinstance(a, int)}
+
+  data = {i for i in explained if is_float(avals[i])}
+  relevance_form = set(data)
+  input_region: list = []
+  units: list = []
+  unit_of: dict = {}
+  unsupported: list = []
+  regions: dict = {}  # root id -> activation region under construction
+  root_of: dict = {}  # region member value -> its root
+
+  def data_ins(e):
+    return [a for a in e.ins if isinstance(a, int) and a in data]
+
+  def shape(i):
+    return tuple(avals[i].shape)
+
+  def claim(unit: Unit):
+    unit.index = len(units)
+    units.append(unit)
+    for e in unit.eqns:
+      unit_of[e] = unit
+
+  def absorb_epilogue(unit: Unit):
+    cur = unit.outs[0]
+    while cur not in outputs and len(uses.get(cur, ())) == 1:
+      n = uses[cur][0]
+      if n in unit_of:
+        break
+      name = n.prim_name
+      others = [a for a in n.ins if a != cur]
+      if any(isinstance(a, int) and a in data for a in others) or n.ins.count(cur) != 1:
+        break
+      out = n.outs[0]
+      if name in ("add", "sub", "mul", "div"):
+        if shape(out) != shape(cur) or (name == "div" and n.ins[0] != cur):
+          break
+        if name in ("mul", "div") or (name == "sub" and n.ins[1] == cur):
+          unit.has_scale = True
+      elif name == "convert_element_type":
+        if not is_float(avals[out]):
+          break
+      elif name not in ("reshape", "squeeze", "expand_dims"):
+        break
+      unit.epilogue.append(n)
+      unit.eqns.append(n)
+      data.add(out)
+      cur = out
+    unit.outs = [cur]
+
+  for e in program.eqns:
+    if e not in live or e in unit_of:
+      continue
+    dins = data_ins(e)
+    if not dins:
+      continue
+    float_outs = [o for o in e.outs if is_float(avals[o])]
+    name = e.prim_name
+    if not float_outs or name == "stop_gradient":
+      continue  # discrete results (comparisons, argmax) are constants of the explanation
+    data.update(float_outs)
+
+    # Input region: casts, reshapes and elementwise affine preprocessing of the explained input.
+    if all(d in relevance_form for d in dins) and len(dins) == 1 and len(e.outs) == 1:
+      d = dins[0]
+      affine_ok = (
+          name in _AFFINE
+          and shape(e.outs[0]) == shape(d)
+          and not (name == "div" and e.ins[0] != d)
+      )
+      if name in _PERMUTING or affine_ok:
+        relevance_form.add(e.outs[0])
+        input_region.append(e)
+        continue
+
+    if name in ("dot_general", "conv_general_dilated"):
+      if len(dins) != 1:
+        unsupported.append((e, f"`{name}` of two data-dependent operands (a bilinear product, e.g. attention "
+                               "scores): no rule in this release"))
+        continue
+      pos = tuple(i for i, a in enumerate(e.ins) if a == dins[0])
+      weight = e.ins[1 - pos[0]]
+      unit = Unit("dense" if name == "dot_general" else "conv", [e], dins, [e.outs[0]], e, pos,
+                  weight=weight if isinstance(weight, int) else None)
+      absorb_epilogue(unit)
+      claim(unit)
+      continue
+    if name in ("reduce_sum", "reduce_window_sum"):
+      unit = Unit("sum" if name == "reduce_sum" else "avg_pool", [e], dins, [e.outs[0]], e, (0,))
+      absorb_epilogue(unit)
+      claim(unit)
+      continue
+    if name in ("reduce_window_max", "reduce_max", "argmax"):
+      claim(Unit("max_pool", [e], dins, [e.outs[0]], e, (0,)))
+      continue
+
+    if name in ELEMENTWISE and len(e.outs) == 1 and all(shape(d) == shape(e.outs[0]) for d in dins):
+      roots = {root_of.get(d, d) for d in dins}
+      if len(roots) == 1:
+        root = roots.pop()
+        region = regions.get(root)
+        if region is None:
+          region = regions[root] = Unit("activation", [], [root], [], e, (0,))
+        region.eqns.append(e)
+        root_of[e.outs[0]] = root
+        continue
+      if name in _ADDITIVE and len(dins) == 2:
+        claim(Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins)))
+        continue
+    if name == "add_any" and len(dins) == 2:
+      claim(Unit("add", [e], dins, [e.outs[0]], e, (0, 1)))
+      continue
+    if name in STRUCTURAL:
+      if name in ("gather", "dynamic_slice", "dynamic_update_slice") and any(
+          a in data for a in e.ins[1:] if isinstance(a, int) and name != "dynamic_update_slice"):
+        unsupported.append((e, f"`{name}` with data-dependent indices"))
+      continue
+    if name in ("mul", "div") and len(dins) == 1 and not (name == "div" and e.ins[0] != dins[0]):
+      continue  # scaling by a constant: linear, the ordinary VJP is the proportional rule
+    unsupported.append((e, f"`{name}`" + (" of two data-dependent operands" if len(dins) > 1 else "")))
+
+  # Finalise activation regions: keep those with a nonlinearity.
+  for region in regions.values():
+    member_outs = {o for e in region.eqns for o in e.outs}
+    region.outs = [o for o in member_outs
+                   if o in outputs or any(u not in region.eqns for u in uses.get(o, ()))]
+    region.outs.sort(key=lambda o: next(i for i, e in enumerate(region.eqns) if o in e.outs))
+    region.main = region.eqns[0]
+    if all(e.prim_name in _LINEAR_ELEMENTWISE for e in region.eqns):
+      continue  # affine only: the ordinary VJP is right
+    region.relu_only = all(_is_relu(e) for e in region.eqns)
+    claim(region)
+  units.sort(key=lambda u: program.eqns.index(u.eqns[-1]))
+  for i, u in enumerate(units):
+    u.index = i
+
+  analysis = Analysis(program, list(explained), live, data, relevance_form, input_region, units, unit_of,
+                      unsupported, producer, set())
+  analysis.nonneg = _nonneg_facts(analysis)
+  for u in units:
+    u.nonneg_input = all(d in analysis.nonneg for d in u.data_ins)
+  return analysis
+
+
+_NONNEG_PRESERVING = frozenset({"reshape", "transpose", "broadcast_in_dim", "slice", "squeeze", "expand_dims",
+                                "convert_element_type", "rev", "copy", "concatenate", "gather", "dynamic_slice",
+                                "reduce_max", "reduce_window_max", "reduce_precision", "sharding_constraint"})
+
+
+def _positive_literal_scale(unit: Unit) -> bool:
+  """The epilogue only scales by positive literals (e.g. an average pool's division by the window size)."""
+  for e in unit.epilogue:
+    if e.prim_name in ("add", "sub"):
+      return False
+    if e.prim_name in ("mul", "div"):
+      lits = [a for a in e.ins if isinstance(a, Lit)]
+      if len(lits) != 1 or not np.all(np.asarray(lits[0].val) > 0):
+        return False
+  return True
+
+
+def _nonneg_facts(a: Analysis) -> set:
+  """Ids known to be >= 0: relu outputs and what pooling and moving elements keep non-negative."""
+  nonneg: set = set()
+  for e in a.program.eqns:
+    if e not in a.live:
+      continue
+    unit = a.unit_of.get(e)
+    if unit is not None:
+      if e is not unit.eqns[-1]:
+        continue
+      if unit.kind == "activation" and unit.relu_only:
+        nonneg.update(unit.outs)
+      elif unit.kind in ("max_pool", "avg_pool", "sum") and all(d in nonneg for d in unit.data_ins):
+        if _positive_literal_scale(unit):
+          nonneg.update(unit.outs)
+      continue
+    dins = [x for x in e.ins if isinstance(x, int) and x in a.data]
+    if not dins or not all(d in nonneg for d in dins):
+      continue
+    if e.prim_name in _NONNEG_PRESERVING:
+      nonneg.update(e.outs)
+    elif e.prim_name == "pad" and isinstance(e.ins[1], Lit) and np.all(np.asarray(e.ins[1].val) >= 0):
+      nonneg.update(e.outs)
+  return nonneg

@@ -1,0 +1,453 @@
+r"""LRP rules: small immutable values with the literature's names, and their backward in gradient form.
+
+Convention (DESIGN.md section 1): jaxlrp propagates a quantity `g` such that the relevance of a value `v` is
+`v * g`. A rule receives the relevance `R = z * g_z` of a layer's output `z = (W x) * s + t` (the affine epilogue
+folded: `s` a per-output scale, `t` the bias) and returns `g_x`, or, for the input-layer rules (`Flat`,
+`WSquare`, `ZBox`), the relevance of `x` itself. Notation: `x+ = max(x, 0)`, `x- = min(x, 0)`, `W` the effective
+weight `W s`, `stab(z) = z + eps * sgn0(z)` with `sgn0(0) = +1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Rule", "Zero", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "Pass", "Norm",
+    "Gradient", "stabilize",
+]
+
+LAYER_KINDS = frozenset({"dense", "conv"})
+PARAM_FREE_KINDS = frozenset({"add", "sum", "avg_pool"})
+
+
+def stabilize(z, epsilon):
+  """`z + eps * sgn0(z)` with `sgn0(0) = +1`; eps is clamped to the dtype's smallest normal number."""
+  eps = jnp.maximum(jnp.asarray(epsilon, z.dtype), jnp.finfo(z.dtype).tiny)
+  return z + eps * jnp.where(z >= 0, 1, -1).astype(z.dtype)
+
+
+def _rule(*data_fields: str, meta_fields: tuple = ()):
+  """Makes a frozen dataclass a pytree whose numeric hyperparameters are leaves (traceable, vmappable)."""
+
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True, repr=False)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=list(meta_fields))
+
+  return wrap
+
+
+def _check_zero_params(zero_params) -> tuple:
+  zp = (zero_params,) if isinstance(zero_params, str) else tuple(zero_params or ())
+  bad = [p for p in zp if p != "bias"]
+  if bad:
+    raise ValueError(f"zero_params supports only 'bias' (the folded bias of the layer); got {bad}.")
+  return zp
+
+
+class Rule:
+  """Base class of LRP rules.
+
+  `mode` says how the interpreter realises the rule: "gradient" (the ordinary VJP), "rescale" (the ordinary VJP
+  after scaling the output cotangent elementwise), "pass" (the identity rule of an elementwise region) or
+  "custom" (a custom VJP calling `propagate`). `kinds` are the op kinds the rule applies to.
+  """
+
+  mode: ClassVar[str] = "custom"
+  kinds: ClassVar[frozenset] = LAYER_KINDS
+  input_rule: ClassVar[bool] = False
+  zero_params: tuple = ()
+
+  @property
+  def zero_bias(self) -> bool:
+    return "bias" in self.zero_params
+
+  def propagate(self, m: "LayerMath", relevance):  # pragma: no cover - abstract
+    raise NotImplementedError
+
+  def __repr__(self) -> str:
+    fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+              if f.name != "zero_params" or getattr(self, f.name)]
+    return f"{type(self).__name__}({', '.join(fields)})"
+
+
+@_rule("epsilon", meta_fields=("zero_params",))
+class Epsilon(Rule):
+  r"""LRP-epsilon (Bach et al. 2015; Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview").
+
+  .. math:: R_x = x \odot W^\top \frac{R}{\mathrm{stab}(Wx + b)}
+
+  Implemented as a rescaled cotangent (`g_z * z / stab(z)`) followed by the layer's ordinary transpose, so it
+  costs what `jax.grad` costs. Applies to dense and conv layers and to parameter-free sums and average pools.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxlrp
+    >>> f = lambda w, x: x @ w
+    >>> g = jaxlrp.lrp(f, jaxlrp.Composite(("dense", jaxlrp.Epsilon(0.1))), argnums=1)
+    >>> w, x = jnp.array([[1.0], [2.0]]), jnp.array([1.0, 1.0])
+    >>> jax.grad(lambda x: g(w, x)[0])(x)  # R = 3; R_x = x * w * 3 / 3.1
+    Array([0.9677419, 1.9354838], dtype=float32)
+  """
+
+  mode: ClassVar[str] = "rescale"
+  kinds: ClassVar[frozenset] = LAYER_KINDS | PARAM_FREE_KINDS
+  epsilon: Any = 1e-6
+  zero_params: tuple = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
+
+
+def Zero(zero_params=()) -> Epsilon:
+  r"""LRP-0 (Bach et al. 2015): Epsilon with `epsilon = 0`.
+
+  .. math:: R_x = x \odot W^\top \frac{R}{Wx + b}
+
+  Divides by zero where an output is exactly zero (the stabiliser is clamped to the smallest normal number of
+  the dtype, so the result is finite but can be huge). On bias-free ReLU networks it equals gradient x input.
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Zero()
+    Epsilon(epsilon=0.0)
+  """
+  return Epsilon(0.0, zero_params)
+
+
+@_rule("epsilon", meta_fields=("zero_params",))
+class ZPlus(Rule):
+  r"""LRP-z+ (Montavon et al. 2017, Deep Taylor Decomposition), in Zennit's sign-split form.
+
+  .. math:: z^+ = W^+x^+ + W^-x^- + b^+,\quad
+            R_x = x^+ \odot W^{+\top}\frac{R}{\mathrm{stab}(z^+)} + x^- \odot W^{-\top}\frac{R}{\mathrm{stab}(z^+)}
+
+  Where the input is known to be non-negative (after a ReLU or a pool of ReLU outputs) `x^- = 0` and the rule
+  costs one extra forward and one transpose with `W^+`.
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite(("conv", jaxlrp.ZPlus()))
+    Composite(('conv', ZPlus(epsilon=1e-06)))
+  """
+
+  epsilon: Any = 1e-6
+  zero_params: tuple = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
+
+  def propagate(self, m, relevance):
+    b = m.bias(self.zero_bias)
+    if m.nonneg:
+      zp = m.F("P", m.x) + _pos(b)
+      return m.T("P", relevance / stabilize(zp, self.epsilon))
+    xp, xn = _pos(m.x), _neg(m.x)
+    zp = m.F("P", xp) + m.F("N", xn) + _pos(b)
+    c = relevance / stabilize(zp, self.epsilon)
+    return jnp.where(m.x > 0, m.T("P", c), m.T("N", c))
+
+
+@_rule("alpha", "beta", "epsilon", meta_fields=("zero_params",))
+class AlphaBeta(Rule):
+  r"""LRP-alpha-beta (Bach et al. 2015; Montavon et al. 2019). Requires `alpha - beta = 1`, both >= 0.
+
+  .. math:: z_a = W^+x^+ + W^-x^- + b^+,\quad z_b = W^-x^+ + W^+x^- + b^-
+
+  .. math:: R_x = \alpha\Big[x^+ W^{+\top}\tfrac{R}{\mathrm{stab}(z_a)} + x^- W^{-\top}\tfrac{R}{\mathrm{stab}(z_a)}\Big]
+                - \beta\Big[x^+ W^{-\top}\tfrac{R}{\mathrm{stab}(z_b)} + x^- W^{+\top}\tfrac{R}{\mathrm{stab}(z_b)}\Big]
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.AlphaBeta(alpha=2.0, beta=1.0)
+    AlphaBeta(alpha=2.0, beta=1.0, epsilon=1e-06)
+  """
+
+  alpha: Any = 2.0
+  beta: Any = 1.0
+  epsilon: Any = 1e-6
+  zero_params: tuple = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
+    if isinstance(self.alpha, (int, float)) and isinstance(self.beta, (int, float)):
+      if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-12:
+        raise ValueError(f"AlphaBeta needs alpha - beta = 1 and alpha, beta >= 0 (relevance conservation); "
+                         f"got alpha={self.alpha}, beta={self.beta}. Try AlphaBeta(2, 1) or AlphaBeta(1, 0).")
+
+  def propagate(self, m, relevance):
+    b = m.bias(self.zero_bias)
+    a, bt, eps = self.alpha, self.beta, self.epsilon
+    if m.nonneg:
+      fp = m.F("P", m.x)
+      za = fp + _pos(b)
+      zb = m.linear_out - fp + _neg(b)  # W- x = W x - W+ x, with W x taken from the forward
+      ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
+      return m.T("P", a * ca + bt * cb) - bt * m.T("W", cb)
+    xp, xn = _pos(m.x), _neg(m.x)
+    za = m.F("P", xp) + m.F("N", xn) + _pos(b)
+    zb = m.F("N", xp) + m.F("P", xn) + _neg(b)
+    ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
+    tpa, tpb = m.T("P", ca), m.T("P", cb)
+    tna, tnb = m.T("W", ca) - tpa, m.T("W", cb) - tpb
+    return jnp.where(m.x > 0, a * tpa - bt * tnb, a * tna - bt * tpb)
+
+
+@_rule("gamma", "epsilon", meta_fields=("zero_params",))
+class Gamma(Rule):
+  r"""LRP-gamma (Montavon et al. 2019), the generalised sign-split form that Zennit ships.
+
+  With :math:`W_u = W + \gamma W^+`, :math:`b_u = b + \gamma b^+`, :math:`W_d = W + \gamma W^-`,
+  :math:`b_d = b + \gamma b^-`:
+
+  .. math:: z_u = W_u x^+ + W_d x^- + b_u,\quad z_d = W_d x^+ + W_u x^- + b_d
+
+  .. math:: s_u = [z > 0]\frac{R}{\mathrm{stab}(z_u)},\quad s_d = [z < 0]\frac{R}{\mathrm{stab}(z_d)}
+
+  .. math:: R_x = x^+ (W_u^\top s_u + W_d^\top s_d) + x^- (W_d^\top s_u + W_u^\top s_d)
+
+  with the unmodified `z = Wx + b`. On non-negative inputs this costs one extra forward and two transposes
+  (`W_u^T s_u + W_d^T s_d = W^T(s_u + s_d + gamma s_d) + gamma W^{+T}(s_u - s_d)`, reusing the forward's `Wx`).
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Gamma(0.25)
+    Gamma(gamma=0.25, epsilon=1e-06)
+  """
+
+  gamma: Any = 0.25
+  epsilon: Any = 1e-6
+  zero_params: tuple = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
+
+  def propagate(self, m, relevance):
+    b = m.bias(self.zero_bias)
+    gm, eps = self.gamma, self.epsilon
+    zlin = m.linear_out
+    zmask = zlin + b
+    if m.nonneg:
+      fp = m.F("P", m.x)
+      zu = zmask + gm * (fp + _pos(b))
+      zd = zmask + gm * (zlin - fp + _neg(b))
+      su = jnp.where(zmask > 0, relevance / stabilize(zu, eps), 0)
+      sd = jnp.where(zmask < 0, relevance / stabilize(zd, eps), 0)
+      return m.T("W", su + sd + gm * sd) + gm * m.T("P", su - sd)
+    xp, xn = _pos(m.x), _neg(m.x)
+    fw_p, fw_n = m.F("W", xp), m.F("W", xn)
+    fp_p, fp_n = m.F("P", xp), m.F("P", xn)
+    fn_p, fn_n = fw_p - fp_p, fw_n - fp_n
+    zu = fw_p + gm * fp_p + fw_n + gm * fn_n + b + gm * _pos(b)
+    zd = fw_p + gm * fn_p + fw_n + gm * fp_n + b + gm * _neg(b)
+    su = jnp.where(zmask > 0, relevance / stabilize(zu, eps), 0)
+    sd = jnp.where(zmask < 0, relevance / stabilize(zd, eps), 0)
+    tw_u, tw_d, tp_u, tp_d = m.T("W", su), m.T("W", sd), m.T("P", su), m.T("P", sd)
+    tn_u, tn_d = tw_u - tp_u, tw_d - tp_d
+    pos = tw_u + gm * tp_u + tw_d + gm * tn_d
+    neg = tw_u + gm * tn_u + tw_d + gm * tp_d
+    return jnp.where(m.x > 0, pos, neg)
+
+
+@_rule("epsilon")
+class Flat(Rule):
+  r"""Flat rule (Lapuschkin et al. 2019, "Unmasking Clever Hans predictors"): all weights 1, no bias, input 1.
+
+  .. math:: R_x = \mathbf{1}^\top \frac{R}{\mathrm{stab}(n)},\quad n = \text{fan-in of each output}
+
+  The fan-in counts in-bounds taps only (12 at the padded corner of a 3x3 conv over 3 channels, 27 inside).
+  An input-layer rule: it produces relevance of the explained input directly.
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite((jaxlrp.First(), jaxlrp.Flat()))
+    Composite((First(), Flat(epsilon=1e-06)))
+  """
+
+  input_rule: ClassVar[bool] = True
+  epsilon: Any = 1e-6
+
+  def propagate(self, m, relevance):
+    ones_w = jnp.ones_like(m.w)
+    n = m.apply(ones_w, jnp.ones_like(m.x))
+    return m.transpose(ones_w, relevance / stabilize(n, self.epsilon))
+
+
+@_rule("epsilon", meta_fields=("zero_params",))
+class WSquare(Rule):
+  r"""w^2 rule (Montavon et al. 2017, Deep Taylor Decomposition).
+
+  .. math:: R_x = (W^{\odot 2})^\top \frac{R}{\mathrm{stab}(W^{\odot 2}\mathbf{1} + b^{\odot 2})}
+
+  Keeps `b^2` in the denominator unless `zero_params=("bias",)`. An input-layer rule.
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.WSquare()
+    WSquare(epsilon=1e-06)
+  """
+
+  input_rule: ClassVar[bool] = True
+  epsilon: Any = 1e-6
+  zero_params: tuple = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
+
+  def propagate(self, m, relevance):
+    w2 = m.w * m.w
+    s2 = 1.0 if m.s is None else m.s * m.s
+    b = m.bias(self.zero_bias)
+    den = m.apply(w2, jnp.ones_like(m.x)) * s2 + b * b
+    return m.transpose(w2, s2 * relevance / stabilize(den, self.epsilon))
+
+
+@_rule("low", "high", "epsilon")
+class ZBox(Rule):
+  r"""z^B rule for bounded inputs (Montavon et al. 2017, Deep Taylor Decomposition).
+
+  .. math:: R_x = x \odot W^\top s - l \odot W^{+\top} s - h \odot W^{-\top} s,\quad
+            s = \frac{R}{\mathrm{stab}(Wx - W^+ l - W^- h)}
+
+  (the bias cancels). `low`/`high` are scalars or arrays broadcastable to the explained input, in the units of
+  the explained input: elementwise preprocessing inside the model (`x / 255`, `(x - mean) / std`) is applied to
+  them automatically. An input-layer rule.
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.ZBox(low=0.0, high=1.0)
+    ZBox(low=0.0, high=1.0, epsilon=1e-06)
+  """
+
+  input_rule: ClassVar[bool] = True
+  low: Any = None
+  high: Any = None
+  epsilon: Any = 1e-6
+
+  def propagate(self, m, relevance):
+    low, high = m.bounds
+    zb = m.linear_out - m.F("P", low) - m.F("N", high)
+    c = relevance / stabilize(zb, self.epsilon)
+    return m.x * m.T("W", c) - low * m.T("P", c) - high * m.T("N", c)
+
+
+@_rule("epsilon")
+class Pass(Rule):
+  r"""Identity rule for elementwise activations: relevance passes unchanged, :math:`R_z = R_a` for `a = phi(z)`.
+
+  In gradient form `g_z = g_a * a / stab(z)`. For ReLU regions jaxlrp uses the gradient, which is the same
+  and exact. `epsilon` defaults to 1e-10 (LXT's identity rule), so the rule is a pass-through in float32.
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite(("activation", jaxlrp.Pass()))
+    Composite(('activation', Pass(epsilon=1e-10)))
+  """
+
+  mode: ClassVar[str] = "pass"
+  kinds: ClassVar[frozenset] = frozenset({"activation"})
+  epsilon: Any = 1e-10
+
+
+@_rule("epsilon")
+class Norm(Rule):
+  r"""The parameter-free z-rule for sums and average pools (Zennit's Norm).
+
+  .. math:: R_x = x \odot J^\top \frac{R}{\mathrm{stab}(y)}
+
+  with `y` the op's output and `J` its Jacobian (residual adds: the proportional split).
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite(("add", jaxlrp.Norm()))
+    Composite(('add', Norm(epsilon=1e-06)))
+  """
+
+  mode: ClassVar[str] = "rescale"
+  kinds: ClassVar[frozenset] = PARAM_FREE_KINDS | {"max_pool"}
+  epsilon: Any = 1e-6
+
+
+@_rule()
+class Gradient(Rule):
+  r"""The plain gradient: :math:`R_x = x \odot J^\top g` (LRP-0 on linear ops, winner-takes-all on max pools).
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite(("max_pool", jaxlrp.Gradient()))
+    Composite(('max_pool', Gradient()))
+  """
+
+  mode: ClassVar[str] = "gradient"
+  kinds: ClassVar[frozenset] = LAYER_KINDS | PARAM_FREE_KINDS | {"max_pool", "activation"}
+
+
+def _pos(v):
+  return jnp.maximum(v, 0)
+
+
+def _neg(v):
+  return jnp.minimum(v, 0)
+
+
+@dataclasses.dataclass
+class LayerMath:
+  """What a rule needs to know about one linear layer `z = lin(x, w) * s + t`, in the compute dtype.
+
+  `apply(V, v)` is the layer with weight `V` on input `v` (no epilogue arithmetic); `transpose(V, c)` its
+  transpose. `F(which, v)` / `T(which, c)` do the same for the effective weight `W s` ("W") and its positive
+  ("P") and negative ("N") parts, using `(W s)+ = W+ s+ + W- s-` when `s` varies per output.
+  """
+
+  lin: Callable  # (v, V) -> lin(v, V)
+  x: Any
+  w: Any
+  z: Any  # the layer's true output
+  s: Optional[Any]  # None when the epilogue does not scale
+  t: Any  # folded bias (zeros when there is none)
+  nonneg: bool
+  bounds: Optional[tuple] = None
+
+  @property
+  def linear_out(self):
+    """`(W s) x`, recovered from the forward as `z - t`."""
+    return self.z - self.t
+
+  def bias(self, zero: bool):
+    return jnp.zeros_like(self.t) if zero else self.t
+
+  def apply(self, V, v):
+    return self.lin(v, V)
+
+  def transpose(self, V, c):
+    _, vjp = jax.vjp(lambda u: self.lin(u, V), self.x)
+    return vjp(c)[0]
+
+  def _parts(self, which):
+    wp, wn = _pos(self.w), _neg(self.w)
+    return (wp, wn) if which == "P" else (wn, wp)
+
+  def F(self, which: str, v):
+    if which == "W":
+      out = self.apply(self.w, v)
+      return out if self.s is None else out * self.s
+    a, b = self._parts(which)
+    if self.s is None:
+      return self.apply(a, v)
+    return self.apply(a, v) * _pos(self.s) + self.apply(b, v) * _neg(self.s)
+
+  def T(self, which: str, c):
+    if which == "W":
+      return self.transpose(self.w, c if self.s is None else c * self.s)
+    a, b = self._parts(which)
+    if self.s is None:
+      return self.transpose(a, c)
+    return self.transpose(a, c * _pos(self.s)) + self.transpose(b, c * _neg(self.s))
+
+
+def compute_dtype(dtype) -> np.dtype:
+  """The dtype a rule's backward runs in: at least float32."""
+  return np.promote_types(dtype, np.float32)

@@ -1,0 +1,1 @@
+"""Helpers for the cross-checks against PyTorch reference implementations (Zennit, LXT)."""
