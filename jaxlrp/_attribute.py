@@ -48,7 +48,8 @@ def _check_target(target, out_shape):
 
 
 def _attribution_impl(jaxpr, strict, has_params, consts, params, x, target, composite):
-  f = _jax.jaxpr_as_fun(jaxpr, consts)
+  flat_fn = _jax.jaxpr_as_fun(jaxpr, consts)
+  f = lambda *args: flat_fn(*jax.tree_util.tree_leaves(args))[0]  # noqa: E731 - f's one output
   g = lrp(f, composite, argnums=1 if has_params else 0, strict=strict)
   args = (params, x) if has_params else (x,)
   out, vjp = jax.vjp(lambda xx: g(*args[:-1], xx), x)

@@ -146,7 +146,7 @@ def source_line(eqn: Eqn) -> str:
 
 
 def is_float(aval) -> bool:
-  return hasattr(aval, "dtype") and np.issubdtype(aval.dtype, np.inexact)
+  return hasattr(aval, "dtype") and jax.numpy.issubdtype(aval.dtype, jax.numpy.inexact)
 
 
 def make_jaxpr(f, *args):
