@@ -355,7 +355,7 @@ def _unsupported_op(eqn, message: str):
 def _unsupported_message(eqn, reason: str) -> str:
   src = _jax.source_line(eqn)
   return (
-      f"jaxlrp has no LRP rule for {reason} (primitive `{eqn.prim_name}`) at "
+      f"jaxlrp has no LRP rule for {reason} at "
       f"{eqn.name or '<top level>'}{' (' + src + ')' if src else ''}, and relevance reaches it from the output.\n"
       f"Fix: restructure the model so this op is one jaxlrp recognises (see jaxlrp.show_rules), or pass "
       f"strict=False to jaxlrp.lrp to propagate its plain gradient (gradient x input) through it.")
