@@ -187,8 +187,12 @@ def analyse(program: Program, explained: list) -> Analysis:
           uses.setdefault(a, []).append(e)
   outputs = {a for a in program.outvars if isinstance(a, int)}
 
+  # Data dependence first (a later operand can make an earlier-looking epilogue a bilinear product).
   data = {i for i in explained if is_float(avals[i])}
-  relevance_form = set(data)
+  for e in program.eqns:
+    if e in live and e.prim_name != "stop_gradient" and any(isinstance(a, int) and a in data for a in e.ins):
+      data.update(o for o in e.outs if is_float(avals[o]))
+  relevance_form = {i for i in explained if is_float(avals[i])}
   input_region: list = []
   units: list = []
   unit_of: dict = {}
@@ -231,7 +235,6 @@ def analyse(program: Program, explained: list) -> Analysis:
         break
       unit.epilogue.append(n)
       unit.eqns.append(n)
-      data.add(out)
       cur = out
     unit.outs = [cur]
 
@@ -245,7 +248,6 @@ def analyse(program: Program, explained: list) -> Analysis:
     name = e.prim_name
     if not float_outs or name == "stop_gradient":
       continue  # discrete results (comparisons, argmax) are constants of the explanation
-    data.update(float_outs)
 
     # Input region: casts, reshapes and elementwise affine preprocessing of the explained input.
     if all(d in relevance_form for d in dins) and len(dins) == 1 and len(e.outs) == 1:

@@ -1,0 +1,232 @@
+"""The transform's contract: forward unchanged, error messages, selection, preprocessing, pytrees, attribute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlrp
+
+RNG = np.random.default_rng(0)
+
+
+def _normal(*shape, scale=1.0):
+  return jnp.asarray(RNG.normal(size=shape) * scale, jnp.float32)
+
+
+def mlp(p, x):
+  h = jax.nn.relu(x @ p["w1"] + p["b1"])
+  return h @ p["w2"] + p["b2"]
+
+
+PARAMS = {"w1": _normal(4, 6), "b1": _normal(6, scale=0.1), "w2": _normal(6, 3), "b2": _normal(3, scale=0.1)}
+X = _normal(5, 4)
+
+
+def relevance(f, comp, p, x, target=0, **kw):
+  g = jaxlrp.lrp(f, comp, argnums=1, **kw)
+  return jax.grad(lambda x: g(p, x)[:, target].sum())(x)
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+
+def test_unsupported_op_names_primitive_place_and_fix():
+  def f(p, x):
+    h = (x @ p["w1"]) * (x @ p["w1"][:, ::-1])  # a product of two data values: no rule
+    return h @ p["w2"]
+
+  g = jaxlrp.lrp(f, jaxlrp.EpsilonPlus(), argnums=1)
+  np.testing.assert_array_equal(g(PARAMS, X), f(PARAMS, X))  # the forward never raises
+  with pytest.raises(jaxlrp.UnsupportedOpError) as err:
+    jax.grad(lambda x: g(PARAMS, x)[0, 0])(X)
+  msg = str(err.value)
+  assert "`mul` of two data-dependent operands" in msg
+  assert "test_core.py" in msg  # the user's source line
+  assert "strict=False" in msg
+
+
+def test_strict_false_uses_the_gradient():
+  def f(p, x):
+    h = (x @ p["w1"]) * (x @ p["w1"][:, ::-1])
+    return h @ p["w2"]
+
+  r = relevance(f, jaxlrp.Composite(("dense", jaxlrp.Zero())), PARAMS, X, strict=False)
+  # Bias-free LRP-0 in gradient form with the plain gradient through the product: gradient x input.
+  expected = X * jax.grad(lambda x: f(PARAMS, x)[:, 0].sum())(X)
+  np.testing.assert_allclose(r, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unexplained_head_with_unsupported_ops_does_not_fail():
+  def f(p, x):
+    logits = mlp(p, x)
+    return logits, jax.nn.log_softmax(logits)  # a head nobody explains
+
+  g = jaxlrp.lrp(f, jaxlrp.EpsilonPlus(), argnums=1)
+  r = jax.grad(lambda x: g(PARAMS, x)[0][:, 1].sum())(X)
+  np.testing.assert_allclose(r, relevance(mlp, jaxlrp.EpsilonPlus(), PARAMS, X, target=1), rtol=1e-6)
+  with pytest.raises(jaxlrp.UnsupportedOpError):
+    jax.grad(lambda x: g(PARAMS, x)[1][:, 1].sum())(X)
+
+
+def test_selector_matching_nothing_is_an_error_unless_allowed():
+  comp = jaxlrp.Composite((jaxlrp.Path("params/Conv_7*"), jaxlrp.Gamma()))
+  with pytest.raises(jaxlrp.SelectorError, match=r"Path\('params/Conv_7\*'\).*matched no op") as err:
+    relevance(mlp, comp, PARAMS, X)
+  assert "w1" in str(err.value)  # lists the paths it saw
+  ok = jaxlrp.Composite((jaxlrp.Path("params/Conv_7*", allow_empty=True), jaxlrp.Gamma()))
+  relevance(mlp, ok, PARAMS, X)
+
+
+def test_unknown_kind_string_suggests_path_and_name():
+  with pytest.raises(jaxlrp.SelectorError, match=r"Unknown op kind 'Dense_0'.*jaxlrp.Path\('Dense_0'\)"):
+    jaxlrp.Composite(("Dense_0", jaxlrp.Epsilon()))
+
+
+def test_integer_input_is_rejected_with_a_hint():
+  f = lambda table, ids: table[ids]  # noqa: E731
+  g = jaxlrp.lrp(f, jaxlrp.EpsilonPlus(), argnums=1)
+  with pytest.raises(TypeError, match=r"floating-point inputs.*int32.*embedding output"):
+    g(jnp.ones((10, 3)), jnp.array([1, 2]))
+
+
+def test_zbox_bounds_of_the_wrong_shape():
+  comp = jaxlrp.Composite((jaxlrp.First(), jaxlrp.ZBox(jnp.zeros(3), 1.0)))
+  with pytest.raises(ValueError, match=r"ZBox bound `low` has shape \(3,\).*\(5, 4\)"):
+    relevance(mlp, comp, PARAMS, X)
+
+
+def test_input_rule_deep_in_the_network_is_rejected():
+  comp = jaxlrp.Composite((jaxlrp.Last(), jaxlrp.Flat()))
+  with pytest.raises(jaxlrp.RulePlacementError, match=r"Flat is an input-layer rule.*parameter w2.*First\(\)"):
+    relevance(mlp, comp, PARAMS, X)
+
+
+def test_attribute_target_validation():
+  f = lambda x: mlp(PARAMS, x)  # noqa: E731
+  with pytest.raises(ValueError, match=r"target must be an int or one int per sample \(shape \(5,\)\)"):
+    jaxlrp.attribute(f, X, jaxlrp.EpsilonPlus(), target=jnp.zeros((5, 2), jnp.int32))
+  with pytest.raises(TypeError, match="integer class indices"):
+    jaxlrp.attribute(f, X, jaxlrp.EpsilonPlus(), target=jnp.zeros(5))
+  with pytest.raises(ValueError, match=r"\[batch, classes\]"):
+    jaxlrp.attribute(lambda x: f(x)[:, 0], X, jaxlrp.EpsilonPlus(), target=0)
+
+
+def test_bad_rule_arguments():
+  with pytest.raises(ValueError, match="alpha - beta = 1"):
+    jaxlrp.AlphaBeta(2.0, 2.0)
+  with pytest.raises(ValueError, match="zero_params supports only 'bias'"):
+    jaxlrp.Epsilon(zero_params=("kernel",))
+  with pytest.raises(TypeError, match="needs a jaxlrp.Composite"):
+    jaxlrp.lrp(mlp, jaxlrp.Epsilon())
+  with pytest.raises(TypeError, match="must be a jaxlrp rule"):
+    jaxlrp.Composite(("dense", "epsilon"))
+
+
+# ---- behaviour ----------------------------------------------------------------------------------------------------
+
+def test_epsilon_matches_hand_computation():
+  w = jnp.array([[1.0], [2.0]])
+  g = jaxlrp.lrp(lambda w, x: x @ w, jaxlrp.Composite(("dense", jaxlrp.Epsilon(0.5))), argnums=1)
+  r = jax.grad(lambda x: g(w, x)[0])(jnp.array([1.0, 1.0]))
+  np.testing.assert_allclose(r, [1 * 3 / 3.5, 2 * 3 / 3.5], rtol=1e-6)
+
+
+def test_preprocessing_inside_the_model_passes_relevance_and_maps_zbox_bounds():
+  mean, std = jnp.array([0.2, -0.1, 0.3, 0.0]), jnp.array([0.5, 2.0, 1.0, 0.25])
+
+  def inside(p, x):
+    return mlp(p, (x - mean) / std)
+
+  x = jnp.asarray(RNG.uniform(size=(5, 4)), jnp.float32)
+  comp_in = jaxlrp.EpsilonGammaBox(0.0, 1.0) + jaxlrp.Composite((jaxlrp.First(), jaxlrp.ZBox(0.0, 1.0)))
+  comp_out = jaxlrp.Composite((jaxlrp.First(), jaxlrp.ZBox((0.0 - mean) / std, (1.0 - mean) / std)))
+  r_in = relevance(inside, comp_in, PARAMS, x)
+  r_out = relevance(mlp, jaxlrp.EpsilonGammaBox(0.0, 1.0) + comp_out, PARAMS, (x - mean) / std)
+  np.testing.assert_allclose(r_in, r_out, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_is_bit_exact_and_pytrees_pass_through():
+  def f(p, inputs):
+    a = inputs["a"] @ p["w1"]
+    b = jnp.tanh(inputs["b"] @ p["w1"])
+    return {"sum": a + b, "a": a}
+
+  inputs = {"a": X, "b": X[::-1]}
+  g = jaxlrp.lrp(f, jaxlrp.EpsilonPlus(), argnums=1)
+  out, ref = g(PARAMS, inputs), f(PARAMS, inputs)
+  assert jax.tree.structure(out) == jax.tree.structure(ref)
+  jax.tree.map(np.testing.assert_array_equal, out, ref)
+  r = jax.grad(lambda i: g(PARAMS, i)["a"][:, 0].sum())(inputs)
+  assert jnp.all(r["b"] == 0) and jnp.abs(r["a"]).sum() > 0
+
+
+def test_tuple_argnums_explains_each_argument():
+  f = lambda p, x1, x2: (x1 @ p["w1"] + x2 @ p["w1"]) @ p["w2"]  # noqa: E731
+  g = jaxlrp.lrp(f, jaxlrp.Composite(("dense", jaxlrp.Zero())), argnums=(1, 2))
+  r1, r2 = jax.grad(lambda a, b: g(PARAMS, a, b)[0, 0], argnums=(0, 1))(X, 2 * X)
+  # LRP-0 through a linear net equals gradient x input for each argument.
+  gx1, gx2 = jax.grad(lambda a, b: f(PARAMS, a, b)[0, 0], argnums=(0, 1))(X, 2 * X)
+  np.testing.assert_allclose(r1, X * gx1, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(r2, 2 * X * gx2, rtol=1e-4, atol=1e-6)
+
+
+def test_attribute_equals_lrp_vjp_per_sample_targets_and_jit():
+  target = jnp.array([0, 1, 2, 0, 1])
+  f = lambda p, x: mlp(p, x)  # noqa: E731
+  res = jaxlrp.attribute(f, X, jaxlrp.EpsilonGammaBox(-3.0, 3.0), target=target, params=PARAMS)
+  g = jaxlrp.lrp(f, jaxlrp.EpsilonGammaBox(-3.0, 3.0), argnums=1)
+  out, vjp = jax.vjp(lambda x: g(PARAMS, x), X)
+  (expected,) = vjp(jax.nn.one_hot(target, 3))
+  np.testing.assert_allclose(res.relevance, expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(res.output, out)
+  np.testing.assert_array_equal(res.target, target)
+  jitted = jax.jit(lambda x: jaxlrp.attribute(f, x, jaxlrp.EpsilonGammaBox(-3.0, 3.0), target=target,
+                                              params=PARAMS).relevance)
+  np.testing.assert_allclose(jitted(X), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_attribute_with_closed_over_params_matches_params_argument():
+  res_closed = jaxlrp.attribute(lambda x: mlp(PARAMS, x), X, jaxlrp.EpsilonPlusFlat(), target=1)
+  res_arg = jaxlrp.attribute(mlp, X, jaxlrp.EpsilonPlusFlat(), target=1, params=PARAMS)
+  np.testing.assert_allclose(res_closed.relevance, res_arg.relevance, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_params_removes_bias_from_the_denominator():
+  w, b = jnp.array([[1.0], [2.0]]), jnp.array([1.0])
+  f = lambda p, x: x @ p[0] + p[1]  # noqa: E731
+  x = jnp.array([1.0, 1.0])
+  for zp, den in (((), 4.0), (("bias",), 3.0)):
+    g = jaxlrp.lrp(f, jaxlrp.Composite(("dense", jaxlrp.Epsilon(0.0, zero_params=zp))), argnums=1)
+    r = jax.grad(lambda x: g((w, b), x)[0])(x)
+    np.testing.assert_allclose(r, [1 * 4 / den, 2 * 4 / den], rtol=1e-6)
+
+
+def test_show_rules_reports_paths_names_and_rules(capsys):
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3, 3))(x))
+      x = nn.avg_pool(x, (2, 2), (2, 2))
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  net = Net()
+  x = jnp.ones((2, 8, 8, 3))
+  params = net.init(jax.random.PRNGKey(0), x)
+  rows = jaxlrp.show_rules(net.apply, jaxlrp.EpsilonPlusFlat(), params, x, argnums=1)
+  printed = capsys.readouterr().out
+  assert [(r.kind, r.name, r.path, type(r.rule).__name__) for r in rows] == [
+      ("conv", "Net/Conv_0", "params/Conv_0/kernel", "Flat"),
+      ("activation", "Net", None, "Pass"),
+      ("avg_pool", "Net", None, "Norm"),
+      ("dense", "Net/Dense_0", "params/Dense_0/kernel", "Epsilon"),
+  ]
+  assert "params/Conv_0/kernel" in printed and "Flat(epsilon=1e-06)" in printed
+
+
+def test_composites_combine_and_last_match_wins():
+  comp = jaxlrp.Composite(("linear", jaxlrp.Epsilon())) + jaxlrp.Composite((jaxlrp.Path("w2"), jaxlrp.Zero()))
+  rows = jaxlrp.show_rules(mlp, comp, PARAMS, X, argnums=1, print_table=False)
+  assert [repr(r.rule) for r in rows if r.kind == "dense"] == ["Epsilon(epsilon=1e-06)", "Epsilon(epsilon=0.0)"]
+  assert repr(comp) == "Composite(('linear', Epsilon(epsilon=1e-06)), (Path('w2'), Epsilon(epsilon=0.0)))"
