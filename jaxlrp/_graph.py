@@ -51,7 +51,7 @@ ELEMENTWISE = frozenset(
     }
 )
 _LINEAR_ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "neg", "convert_element_type", "copy",
-                                 "reduce_precision", "select_n"})
+                                 "reduce_precision"})
 
 KINDS = ("dense", "conv", "activation", "add", "sum", "avg_pool", "max_pool")
 
@@ -293,11 +293,8 @@ def analyse(program: Program, explained: list) -> Analysis:
         region.eqns.append(e)
         root_of[e.outs[0]] = root
         continue
-      if name in _ADDITIVE and len(dins) == 2:
-        claim(Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins)))
-        continue
-    if name == "add_any" and len(dins) == 2:
-      claim(Unit("add", [e], dins, [e.outs[0]], e, (0, 1)))
+    if name in _ADDITIVE and len(dins) == 2:
+      claim(Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins)))
       continue
     if name in STRUCTURAL:
       if name in ("gather", "dynamic_slice", "dynamic_update_slice") and any(
