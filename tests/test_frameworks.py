@@ -101,7 +101,7 @@ def _linen_cnn():
     }
     params = jax.tree.map(jnp.asarray, params)
     # The layout must be what linen itself would create.
-    ref = LinenCNN().init(jax.random.key(0), jnp.zeros((1, *IMG)))
+    ref = jax.eval_shape(LinenCNN().init, jax.random.key(0), jnp.zeros((1, *IMG)))
     assert jax.tree.map(jnp.shape, ref) == jax.tree.map(jnp.shape, params)
     model = LinenCNN()
     return (lambda p, x: model.apply(p, x)), params
@@ -110,7 +110,7 @@ def _linen_cnn():
 def _linen_mlp():
     ws = _mlp_weights()
     params = jax.tree.map(jnp.asarray, {"params": {f"Dense_{i}": w for i, w in enumerate(ws)}})
-    ref = LinenMLP().init(jax.random.key(0), jnp.zeros((1, MLP_IN)))
+    ref = jax.eval_shape(LinenMLP().init, jax.random.key(0), jnp.zeros((1, MLP_IN)))
     assert jax.tree.map(jnp.shape, ref) == jax.tree.map(jnp.shape, params)
     model = LinenMLP()
     return (lambda p, x: model.apply(p, x)), params
@@ -204,6 +204,7 @@ class EqxCNN(eqx.Module):
 
 
 def _eqx_conv(conv: eqx.nn.Conv2d, w) -> eqx.nn.Conv2d:
+    assert conv.weight.shape == w["kernel"].shape[::-1][:2] + w["kernel"].shape[:2]
     kernel = np.transpose(w["kernel"], (3, 2, 0, 1))  # HWIO -> OIHW
     bias = w["bias"].reshape(-1, 1, 1)
     conv = eqx.tree_at(lambda c: c.weight, conv, jnp.asarray(kernel))
@@ -211,27 +212,30 @@ def _eqx_conv(conv: eqx.nn.Conv2d, w) -> eqx.nn.Conv2d:
 
 
 def _eqx_linear(lin: eqx.nn.Linear, w) -> eqx.nn.Linear:
+    assert lin.weight.shape == w["kernel"].shape[::-1]
     lin = eqx.tree_at(lambda l: l.weight, lin, jnp.asarray(w["kernel"].T))
     return eqx.tree_at(lambda l: l.bias, lin, jnp.asarray(w["bias"]))
 
 
 def _eqx_cnn():
     w = _cnn_weights()
-    model = EqxCNN(jax.random.key(0))
+    model = eqx.filter_eval_shape(EqxCNN, jax.random.key(0))  # shapes only: every array is replaced below
     model = eqx.tree_at(lambda m: m.conv1, model, _eqx_conv(model.conv1, w["conv1"]))
     model = eqx.tree_at(lambda m: m.conv2, model, _eqx_conv(model.conv2, w["conv2"]))
     model = eqx.tree_at(lambda m: m.fc1, model, _eqx_linear(model.fc1, w["fc1"]))
     model = eqx.tree_at(lambda m: m.fc2, model, _eqx_linear(model.fc2, w["fc2"]))
     params, static = eqx.partition(model, eqx.is_array)
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
     return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params
 
 
 def _eqx_mlp():
     ws = _mlp_weights()
-    model = eqx.nn.MLP(MLP_IN, N_CLASSES, MLP_WIDTH, 2, key=jax.random.key(0))
+    model = eqx.filter_eval_shape(eqx.nn.MLP, MLP_IN, N_CLASSES, MLP_WIDTH, 2, key=jax.random.key(0))
     for i, w in enumerate(ws):
         model = eqx.tree_at(lambda m, i=i: m.layers[i], model, _eqx_linear(model.layers[i], w))
     params, static = eqx.partition(model, eqx.is_array)
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
     return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params
 
 
