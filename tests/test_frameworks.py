@@ -149,28 +149,30 @@ class NnxMLP(nnx.Module):
 
 
 def _set(param: nnx.Param, value: np.ndarray) -> None:
-    assert param[...].shape == value.shape, (param[...].shape, value.shape)
-    param[...] = jnp.asarray(value)
+    assert param.get_value().shape == value.shape, (param.get_value().shape, value.shape)
+    param.set_value(jnp.asarray(value))
 
 
 def _nnx_cnn():
     w = _cnn_weights()
-    model = NnxCNN(nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: NnxCNN(nnx.Rngs(0)))  # shapes only: every array is replaced below
     for name in ("conv1", "conv2", "fc1", "fc2"):
         layer = getattr(model, name)
         _set(layer.kernel, w[name]["kernel"])
         _set(layer.bias, w[name]["bias"])
     graphdef, state = nnx.split(model)
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(state))
     return (lambda s, x: nnx.merge(graphdef, s)(x)), state
 
 
 def _nnx_mlp():
     ws = _mlp_weights()
-    model = NnxMLP(nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0)))
     for layer, w in zip(model.layers, ws):
         _set(layer.kernel, w["kernel"])
         _set(layer.bias, w["bias"])
     graphdef, state = nnx.split(model)
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(state))
     return (lambda s, x: nnx.merge(graphdef, s)(x)), state
 
 
