@@ -19,7 +19,7 @@ XLA's flop estimate), which is where to look first when a ratio misses its limit
 Usage::
 
     python benchmarks/overhead.py                 # VGG-16, batch 8, 224x224, 7 rounds (minutes on 2 CPU cores)
-    python benchmarks/overhead.py --quick         # batch 2, 64x64: a smoke run of well under a minute
+    python benchmarks/overhead.py --quick         # batch 2, 64x64, 5 rounds: a smoke run of about a minute
     python benchmarks/overhead.py --methods forward,grad,Epsilon --repeats 5
     python benchmarks/overhead.py --dump-hlo benchmarks/results/hlo   # write each optimized HLO module
 
@@ -344,7 +344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224, help="input height and width (multiple of 32)")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (>= 5 recommended)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved timing rounds (default 7, or 5 with --quick; >= 5 recommended)")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 2, 64x64 (overrides --batch/--size)")
     p.add_argument("--model", choices=("vgg16", "small"), default="vgg16",
                    help="'small' is VGG-16's structure with narrow layers (models.vgg16_small)")
@@ -360,6 +361,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.size = 2, 64
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 7
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")

@@ -241,7 +241,7 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool):
     if w is None:
       raise RulePlacementError(f"{type(rule_).__name__} needs a weight operand; {unit.kind} ops have none.")
     m = LayerMath(lin, xc, w, z.astype(cd), s, t, unit.nonneg_input and not rule_.input_rule,
-                  tuple(_cast(b, cd) for b in bounds) if bounds_given else None)
+                  tuple(_cast(b, cd) for b in bounds) if bounds_given else None, unit.feeds_relu)
     out = rule_.propagate(m, z.astype(cd) * g.astype(cd))
     return out.astype(x.dtype), None, None, None
 

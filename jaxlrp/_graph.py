@@ -71,6 +71,7 @@ class Unit:
   has_scale: bool = False  # the epilogue multiplies or divides (the folded scale s is not 1)
   relu_only: bool = False  # an activation region made only of relu
   nonneg_input: bool = False  # the data input is known to be >= 0 (sign fact)
+  feeds_relu: bool = False  # the output's only use is a ReLU (its relevance is 0 where the output is <= 0)
   index: int = -1
 
   @property
@@ -160,8 +161,9 @@ class Analysis:
 
 
 def _is_relu(e: Eqn) -> bool:
-  if e.prim_name == "custom_jvp_call":
-    return e.params.get("name") == "relu"
+  if e.prim_name == "custom_jvp_call":  # jax.nn.relu: custom_jvp around jit[name=relu] around max(x, 0)
+    body = e.params["call_jaxpr"].jaxpr.eqns
+    return len(body) == 1 and body[0].primitive.name == "jit" and body[0].params.get("name") == "relu"
   if e.prim_name == "max":
     return any(isinstance(a, Lit) and np.all(np.asarray(a.val) == 0) for a in e.ins)
   return False
@@ -325,6 +327,10 @@ def analyse(program: Program, explained: list) -> Analysis:
   analysis.nonneg = _nonneg_facts(analysis)
   for u in units:
     u.nonneg_input = all(d in analysis.nonneg for d in u.data_ins)
+    out_uses = uses.get(u.outs[0], []) if len(u.outs) == 1 else []
+    consumer = unit_of.get(out_uses[0]) if len(out_uses) == 1 else None
+    u.feeds_relu = (u.kind in ("dense", "conv") and u.outs[0] not in outputs and consumer is not None
+                    and consumer.kind == "activation" and consumer.relu_only)
   return analysis
 
 

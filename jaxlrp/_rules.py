@@ -231,6 +231,11 @@ class Gamma(Rule):
     gm, eps = self.gamma, self.epsilon
     zlin = m.linear_out
     zmask = zlin + b
+    if m.nonneg and m.feeds_relu and m.s is None and not self.zero_bias:
+      # R = 0 where z <= 0, so s_d = 0 and only W_u = W + gamma W+ is needed: one forward, one transpose.
+      zu = zmask + gm * (m.F("P", m.x) + _pos(b))
+      su = jnp.where(zmask > 0, relevance / stabilize(zu, eps), 0)
+      return m.transpose(m.w + gm * _pos(m.w), su)
     if m.nonneg:
       fp = m.F("P", m.x)
       zu = zmask + gm * (fp + _pos(b))
@@ -411,6 +416,7 @@ class LayerMath:
   t: Any  # folded bias (zeros when there is none)
   nonneg: bool
   bounds: Optional[tuple] = None
+  feeds_relu: bool = False  # relevance is zero wherever z <= 0 (the output feeds a ReLU directly)
 
   @property
   def linear_out(self):
