@@ -283,8 +283,8 @@ class Composite:
   def __eq__(self, other):
     return isinstance(other, Composite) and self.pairs == other.pairs
 
-  def __hash__(self):
-    return hash(tuple((s, id(r)) for s, r in self.pairs))
+  def __hash__(self):  # consistent with __eq__: equal composites have equal selectors and rule types
+    return hash(tuple((s, type(r)) for s, r in self.pairs))
 
   def assign(self, ops: list) -> list:
     """The rule for each op (a list aligned with `ops`); raises if a non-kind selector matches nothing."""

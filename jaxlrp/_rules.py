@@ -187,14 +187,16 @@ class AlphaBeta(Rule):
       za = fp + _pos(b)
       zb = m.linear_out - fp + _neg(b)  # W- x = W x - W+ x, with W x taken from the forward
       ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
-      return m.T("P", a * ca + bt * cb) - bt * m.T("W", cb)
+      # W-^T is applied directly, not as W^T - W+^T: where z_b is ~0, c_b is huge and the difference of two
+      # large transposes would cancel catastrophically.
+      return a * m.T("P", ca) - bt * m.T("N", cb)
     xp, xn = _pos(m.x), _neg(m.x)
     za = m.F("P", xp) + m.F("N", xn) + _pos(b)
     zb = m.F("N", xp) + m.F("P", xn) + _neg(b)
     ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
-    tpa, tpb = m.T("P", ca), m.T("P", cb)
-    tna, tnb = m.T("W", ca) - tpa, m.T("W", cb) - tpb
-    return jnp.where(m.x > 0, a * tpa - bt * tnb, a * tna - bt * tpb)
+    pos = a * m.T("P", ca) - bt * m.T("N", cb)
+    neg = a * m.T("N", ca) - bt * m.T("P", cb)
+    return jnp.where(m.x > 0, pos, neg)
 
 
 @_rule("gamma", "epsilon", meta_fields=("zero_params",))

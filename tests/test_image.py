@@ -1,7 +1,5 @@
 """Tests for jaxlrp.image: colour maps centred at zero, scaling, tiling and PNG output."""
 
-import doctest
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,7 +139,3 @@ def test_png_round_trip(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         image.save_png(np.zeros((2, 2), np.int32), tmp_path / "bad.png")
 
-
-def test_docstring_examples_run():
-    result = doctest.testmod(image, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
