@@ -93,6 +93,17 @@ class NetSpec:
         return len(self.input_shape) == 3
 
 
+# Shapes come from small menus: the architectures vary freely, but eager op-by-op execution compiles each
+# (primitive, shapes) pair once, so reusing shapes across examples keeps the module fast.
+_HW = (4, 8)
+_IN_CHANNELS = (1, 3)
+_CHANNELS = (2, 4)
+_WIDTHS = (3, 6)
+_IN_FEATURES = (4, 6)
+_BATCH = (1, 3)
+_CLASSES = (2, 4)
+
+
 @st.composite
 def net_specs(draw, *, bias: bool | None = None, relu_only: bool = False):
     acts = ("relu",) if relu_only else ACTS
@@ -103,17 +114,16 @@ def net_specs(draw, *, bias: bool | None = None, relu_only: bool = False):
     image = draw(st.booleans())
     blocks: list[tuple] = []
     if image:
-        hw = draw(st.sampled_from((4, 6, 8)))
-        c = draw(st.integers(1, 3))
-        input_shape = (hw, hw, c)
+        hw = draw(st.sampled_from(_HW))
+        input_shape = (hw, hw, draw(st.sampled_from(_IN_CHANNELS)))
         n_conv = draw(st.integers(1, depth))
         for i in range(n_conv):
+            # The first block consumes the input with a convolution (input-layer rules need one).
             options = ["conv", "res_conv"] + (["pool"] if i > 0 and hw % 2 == 0 else [])
             kind = draw(st.sampled_from(options))
             if kind == "conv":
                 k = draw(st.sampled_from((1, 3)))
-                c = draw(st.integers(2, 5))
-                blocks.append(("conv", k, c, draw(act)))
+                blocks.append(("conv", k, draw(st.sampled_from(_CHANNELS)), draw(act)))
             elif kind == "res_conv":
                 blocks.append(("res_conv", draw(act), draw(post_act)))
             else:
@@ -122,21 +132,21 @@ def net_specs(draw, *, bias: bool | None = None, relu_only: bool = False):
         blocks.append((draw(st.sampled_from(("mean", "flatten"))),))
         n_dense = depth - n_conv
     else:
-        input_shape = (draw(st.integers(2, 12)),)
+        input_shape = (draw(st.sampled_from(_IN_FEATURES)),)
         n_dense = depth
     for _ in range(n_dense):
         kind = draw(st.sampled_from(("dense", "res_dense")))
         if kind == "dense":
-            blocks.append(("dense", draw(st.integers(2, 12)), draw(act)))
+            blocks.append(("dense", draw(st.sampled_from(_WIDTHS)), draw(act)))
         else:
             blocks.append(("res_dense", draw(act), draw(post_act)))
-    blocks.append(("out", draw(st.integers(2, 5))))
+    blocks.append(("out", draw(st.sampled_from(_CLASSES))))
     return NetSpec(
         input_shape=input_shape,
         blocks=tuple(blocks),
         bias=bias,
         seed=draw(st.integers(0, 2**31 - 1)),
-        batch=draw(st.integers(1, 3)),
+        batch=draw(st.sampled_from(_BATCH)),
     )
 
 
@@ -234,7 +244,17 @@ def build(spec: NetSpec, *, wrap: Callable[[Callable], Callable] | None = None):
 # Helpers
 # --------------------------------------------------------------------------------------------------------------
 
+# LRP-0 as the issue states it: Zero on linear layers, on top of the base map (Norm with eps 1e-6 on adds, sums
+# and average pools; Pass on activations).
 LRP0 = lambda: jaxlrp.Composite(("linear", jaxlrp.Zero()))  # noqa: E731
+# LRP-0 without any stabiliser: the parameter-free linear ops (adds, means, average pools) get the plain
+# gradient, which in gradient form is their unstabilised z-rule (the proportional split).
+LRP0_EXACT = lambda: jaxlrp.Composite(  # noqa: E731
+    ("linear", jaxlrp.Zero()),
+    ("add", jaxlrp.Gradient()),
+    ("sum", jaxlrp.Gradient()),
+    ("avg_pool", jaxlrp.Gradient()),
+)
 
 PRESETS = {
     "LRP0": LRP0,
@@ -253,6 +273,7 @@ def _targets(out: jax.Array) -> jax.Array:
 
 
 def relevance(f, params, x, composite, targets) -> jax.Array:
+    """Relevance of x (argument 1 of f) for a one-hot target per sample, via jax.grad of lrp(f)."""
     g = jaxlrp.lrp(f, composite, argnums=1)
     n_classes = jax.eval_shape(f, params, x).shape[1]
     onehot = jax.nn.one_hot(targets, n_classes, dtype=x.dtype)
@@ -265,7 +286,7 @@ def _rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a - b)))
 
 
-# Worst errors seen in this session, reported by the last test of the module (pytest -s shows them).
+# Worst errors seen in this session, printed by the last test of the module (pytest -s shows them).
 WORST: dict[str, float] = {}
 
 
@@ -273,25 +294,44 @@ def _record(key: str, err: float) -> None:
     WORST[key] = max(WORST.get(key, 0.0), err)
 
 
+def _scores(f, params, x):
+    out = np.asarray(f(params, x))
+    t = np.argmax(np.abs(out), axis=1)
+    return jnp.asarray(t), out[np.arange(out.shape[0]), t].astype(np.float64)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 1. Conservation of LRP-0 on bias-free nets
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _conservation_error(spec, composite):
+    f, params, x = build(spec)
+    t, score = _scores(f, params, x)
+    assume(np.all(np.abs(score) > 1e-2))
+    r = relevance(f, params, x, composite, t)
+    assert r.shape == x.shape and r.dtype == x.dtype
+    total = np.asarray(r, np.float64).reshape(spec.batch, -1).sum(axis=1)
+    return float(np.max(np.abs(total - score) / np.abs(score))), total, score
+
+
 @_settings(25)
 @given(spec=net_specs(bias=False))
 def test_lrp0_conserves_on_bias_free_nets(spec):
-    f, params, x = build(spec)
-    out = f(params, x)
-    t = _targets(out)
-    score = np.asarray(out)[np.arange(spec.batch), np.asarray(t)].astype(np.float64)
-    assume(np.all(np.abs(score) > 1e-2))
-    r = relevance(f, params, x, LRP0(), t)
-    assert r.shape == x.shape and r.dtype == x.dtype
-    total = np.asarray(r, np.float64).reshape(spec.batch, -1).sum(axis=1)
-    err = np.max(np.abs(total - score) / np.abs(score))
-    _record("conservation (|sum R - f_t| / |f_t|)", err)
+    err, total, score = _conservation_error(spec, LRP0_EXACT())
+    _record("1. conservation, exact LRP-0 (|sum R - f_t| / |f_t|)", err)
     assert err <= 1e-5, (spec, total, score)
+
+
+@_settings(10)
+@given(spec=net_specs(bias=False))
+def test_lrp0_base_map_conserves_up_to_stabilisers(spec):
+    """With the base map's Norm(1e-6) on adds / means / pools. Each stabilised value y absorbs about
+    eps * |R_y / y| (an absolute amount, not a relative one), so the relative error grows as scores get small:
+    about 2e-5 was seen at |f_t| = 0.025. The bound here is loose on purpose; the exact test is above."""
+    err, total, score = _conservation_error(spec, LRP0())
+    _record("1b. conservation, LRP-0 with the base map's Norm(1e-6)", err)
+    assert err <= 1e-3, (spec, total, score)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,14 +343,18 @@ def test_lrp0_conserves_on_bias_free_nets(spec):
 @given(spec=net_specs(bias=False, relu_only=True))
 def test_lrp0_is_gradient_times_input_on_relu_nets(spec):
     f, params, x = build(spec)
-    t = _targets(f(params, x))
+    t, _ = _scores(f, params, x)
     onehot = jax.nn.one_hot(t, spec.n_classes, dtype=x.dtype)
     gxi = x * jax.grad(lambda x: jnp.sum(f(params, x) * onehot))(x)
-    r = relevance(f, params, x, LRP0(), t)
     assume(np.max(np.abs(np.asarray(gxi))) > 0)
+    r = relevance(f, params, x, LRP0_EXACT(), t)
     err = _rel_err(r, gxi)
-    _record("LRP-0 vs gradient x input (/ max|R|)", err)
+    _record("2. exact LRP-0 vs gradient x input (/ max|R|)", err)
     assert err <= 1e-5, spec
+    # The base map's Norm(1e-6) on residual adds / means / pools moves it slightly.
+    err = _rel_err(relevance(f, params, x, LRP0(), t), gxi)
+    _record("2b. LRP-0 with the base map vs gradient x input (/ max|R|)", err)
+    assert err <= 1e-3, spec
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -318,38 +362,40 @@ def test_lrp0_is_gradient_times_input_on_relu_nets(spec):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@_settings(20)
+@_settings(15)
 @given(spec=net_specs(), preset=st.sampled_from(sorted(PRESETS)))
 def test_jit_and_vmap_match_eager(spec, preset):
     f, params, x = build(spec)
-    t = _targets(f(params, x))
+    t, _ = _scores(f, params, x)
     comp = PRESETS[preset]()
     eager = relevance(f, params, x, comp, t)
     assert np.all(np.isfinite(np.asarray(eager))), (spec, preset)
     assume(np.max(np.abs(np.asarray(eager))) > 0)
 
-    jitted = jax.jit(lambda p, x, t: relevance(f, p, x, comp, t))(params, x, t)
-    err = _rel_err(jitted, eager)
-    _record("jit vs eager (/ max|R|)", err)
-    assert err <= 1e-5, (spec, preset, "jit")
-
-    # vmap over single examples, vmap outside the explanation's grad ...
-    def f1(p, xi):
+    def f1(p, xi):  # one example
         return f(p, xi[None])[0]
 
     g1 = jaxlrp.lrp(f1, comp, argnums=1)
+
+    def variants(params, x, t):
+        batched = relevance(f, params, x, comp, t)
+        # vmap over single examples, outside the explanation's grad ...
+        per_example = jax.vmap(lambda xi, ti: jax.grad(lambda xi: g1(params, xi)[ti])(xi))(x, t)
+        # ... and the vjp of a vmapped lrp (the batch dimension added outside lrp).
+        out, vjp = jax.vjp(lambda x: jax.vmap(g1, in_axes=(None, 0))(params, x), x)
+        (r_vjp,) = vjp(jax.nn.one_hot(t, out.shape[1], dtype=out.dtype))
+        return batched, per_example, r_vjp
+
+    jitted, per_example, r_vjp = jax.jit(variants)(params, x, t)
+    for name, r in [("jit", jitted), ("vmap(grad(lrp))", per_example), ("vjp(vmap(lrp))", r_vjp)]:
+        err = _rel_err(r, eager)
+        _record(f"3. {name} vs eager batched (/ max|R|)", err)
+        assert err <= 1e-5, (spec, preset, name)
+    # vmap eagerly as well (no jit anywhere).
     per_example = jax.vmap(lambda xi, ti: jax.grad(lambda xi: g1(params, xi)[ti])(xi))(x, t)
     err = _rel_err(per_example, eager)
-    _record("vmap(grad(lrp)) vs batched (/ max|R|)", err)
-    assert err <= 1e-5, (spec, preset, "vmap(grad)")
-
-    # ... and the vjp of a vmapped lrp (the batch dimension added outside lrp).
-    gb = jax.vmap(g1, in_axes=(None, 0))
-    out, vjp = jax.vjp(lambda x: gb(params, x), x)
-    (r_vjp,) = vjp(jax.nn.one_hot(t, out.shape[1], dtype=out.dtype))
-    err = _rel_err(r_vjp, eager)
-    _record("vjp(vmap(lrp)) vs batched (/ max|R|)", err)
-    assert err <= 1e-5, (spec, preset, "vjp(vmap)")
+    _record("3. eager vmap(grad(lrp)) vs eager batched (/ max|R|)", err)
+    assert err <= 1e-5, (spec, preset, "eager vmap")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -357,7 +403,7 @@ def test_jit_and_vmap_match_eager(spec, preset):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@_settings(20)
+@_settings(12)
 @given(spec=net_specs(), preset=st.sampled_from(sorted(PRESETS)))
 def test_forward_is_bit_exact(spec, preset):
     f, params, x = build(spec)
@@ -383,34 +429,46 @@ SMOOTH_SPECS = [
 @pytest.mark.parametrize("preset", ["Epsilon", "EpsilonPlus"])
 @pytest.mark.parametrize("spec", SMOOTH_SPECS, ids=["cnn", "mlp"])
 def test_grad_of_grad_matches_finite_differences(spec, preset):
-    """d/dparams of a loss on the relevance (explanation-regularised training) is finite and matches FD."""
-    f, params, x = build(spec)
-    t = _targets(f(params, x))
-    comp = PRESETS[preset]()
-    mask = jnp.asarray(np.random.default_rng(0).normal(size=x.shape).astype(np.float32))
+    """d/dparams of a loss on the relevance (explanation-regularised training) is finite and matches FD.
 
-    def loss(p):
+    The relevance is only piecewise smooth in the parameters (stabilisers switch sign, ZPlus masks flip), so
+    float32 differences with a large step are unreliable: the comparison runs in float64 with a small step.
+    """
+    f, params32, x32 = build(spec)
+    t, _ = _scores(f, params32, x32)
+    comp = PRESETS[preset]()
+    mask = np.random.default_rng(0).normal(size=x32.shape)
+
+    # float32: finite and not all zero.
+    def loss(p, x, mask):
         return jnp.sum(relevance(f, p, x, comp, t) * mask)
 
-    grads = jax.jit(jax.grad(loss))(params)
-    leaves = jax.tree.leaves(grads)
+    grads32 = jax.jit(jax.grad(loss))(params32, x32, jnp.asarray(mask, jnp.float32))
+    leaves = jax.tree.leaves(grads32)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
     assert any(np.max(np.abs(np.asarray(g))) > 0 for g in leaves)
 
-    # Directional derivative vs central differences (float32, so only roughly).
-    rng = np.random.default_rng(1)
-    direction = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), params)
-    norm = np.sqrt(sum(float(jnp.sum(d * d)) for d in jax.tree.leaves(direction)))
-    direction = jax.tree.map(lambda d: d / norm, direction)
-    analytic = sum(float(jnp.sum(g * d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
-    loss_j = jax.jit(loss)
-    h = 1e-2
-    plus = jax.tree.map(lambda p, d: p + h * d, params, direction)
-    minus = jax.tree.map(lambda p, d: p - h * d, params, direction)
-    fd = (float(loss_j(plus)) - float(loss_j(minus))) / (2 * h)
-    err = abs(fd - analytic) / max(abs(fd), abs(analytic), 1e-3)
-    _record(f"grad-of-grad vs FD (relative, {preset})", err)
-    assert err < 5e-2, (analytic, fd)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params32)
+        x = jnp.asarray(np.asarray(x32), jnp.float64)
+        m = jnp.asarray(mask, jnp.float64)
+        grads = jax.jit(jax.grad(loss))(params, x, m)
+        rng = np.random.default_rng(1)
+        direction = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+        analytic = sum(float(jnp.sum(g * d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        loss_j = jax.jit(loss)
+        h = 1e-6
+        plus = jax.tree.map(lambda p, d: p + h * d, params, direction)
+        minus = jax.tree.map(lambda p, d: p - h * d, params, direction)
+        fd = (float(loss_j(plus, x, m)) - float(loss_j(minus, x, m))) / (2 * h)
+        g64 = jax.tree.map(lambda g: np.asarray(g, np.float32), grads)
+    err = abs(fd - analytic) / max(abs(fd), abs(analytic))
+    _record(f"grad-of-grad vs FD (float64, relative, {preset})", err)
+    assert err < 1e-4, (analytic, fd)
+    # The float32 gradient is the float64 one, roughly.
+    err32 = max(_rel_err(a, b) for a, b in zip(jax.tree.leaves(grads32), jax.tree.leaves(g64)))
+    _record(f"grad-of-grad float32 vs float64 (/ max, per leaf, {preset})", err32)
+    assert err32 < 1e-2
 
 
 @pytest.mark.parametrize(

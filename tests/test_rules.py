@@ -463,16 +463,14 @@ def test_alphabeta_output_with_empty_part(alpha, beta, after_relu):
     _check(f"alphabeta({alpha:g},{beta:g})_degenerate", "dense_after_relu" if after_relu else "dense", rx, want, x)
 
 
-# Worst error ratios measured (max|R_lib - R_ref| / max|R_ref|, float32, JAX 0.10.2 CPU; core at commit 118b452):
+# Worst error ratios measured (max|R_lib - R_ref| / max|R_ref|, float32, JAX 0.10.2 CPU; core at commit 69dc092):
 #   single layers -- dense, linen Dense, conv 3x3 pad 1, 3x3 stride 2 SAME, dilation 2, grouped, depthwise, 1D,
 #   linen Conv with asymmetric padding:
-#     zero 1.7e-7, epsilon 2.4e-7, epsilon(0.25) 2.8e-7, zplus 1.6e-7, gamma 2.5e-7, gamma(1, eps 0.1) 2.0e-7,
-#     zbox 1.6e-7, zbox with array bounds 2.3e-7, zbox through (x - m) / sd 3.1e-7 (1.4e-7 with sd < 0),
-#     wsquare 2.0e-7, flat 2.0e-6 on linen Dense (|R_x| = |sum_j R_j| / n is small next to sum_j |R_j|: inherent
-#     cancellation; <= 2.3e-7 elsewhere), *_nobias <= 4.0e-7, folded BatchNorm epilogue (all rules) <= 2.8e-7;
-#     alpha2beta1 / alpha1beta0: <= 2.5e-7 except conv3x3_dil2 1.4e-6 / 1.6e-6 and conv_depthwise
-#     9.4e-3 / 1.0e-2 (FAIL: the core forms W-^T c as W^T c - W+^T c, which cancels catastrophically when za or
-#     zb of some output is ~0 and its quotient R / stab(.) is huge; see test_alphabeta_output_with_empty_part,
-#     1.2e-2 / 3.5e-2 / 1.3e-2 there).
-#   two layers (First / Last): <= 4.6e-7, except alpha2beta1|zero on dense 2.8e-2 (FAIL, same cause);
-#   three layers (middle after and before a ReLU: sign-fact fast paths): <= 3.6e-7.
+#     zero 1.7e-7, epsilon 2.4e-7, epsilon(0.25) 2.8e-7, zplus 1.6e-7, alpha2beta1 2.3e-7, alpha1beta0 1.6e-7,
+#     gamma 2.5e-7, gamma(1, eps 0.1) 2.0e-7, zbox 1.6e-7, zbox with array bounds 2.3e-7, zbox through
+#     (x - m) / sd 3.1e-7 (1.4e-7 with sd < 0), wsquare 2.0e-7, flat 2.0e-6 on linen Dense (|R_x| = |sum_j R_j| / n
+#     is small next to sum_j |R_j|: inherent cancellation; <= 2.3e-7 elsewhere), *_nobias <= 2.9e-7,
+#     folded BatchNorm epilogue (all rules) <= 2.5e-7, AlphaBeta with za or zb = 0 <= 7.9e-8;
+#   two layers (First / Last): <= 4.6e-7; three layers (sign-fact fast paths in the middle layer): <= 3.3e-7.
+# Before commit 6da0db3 AlphaBeta formed W-^T c as W^T c - W+^T c: 9.4e-3 on conv_depthwise, 2.8e-2 on the
+# alpha2beta1|zero two-layer net, 3.5e-2 in test_alphabeta_output_with_empty_part.
