@@ -62,6 +62,10 @@ class Rule:
   input_rule: ClassVar[bool] = False
   zero_params: tuple = ()
 
+  def __post_init__(self):
+    if any(f.name == "zero_params" for f in dataclasses.fields(self)):
+      object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
+
   @property
   def zero_bias(self) -> bool:
     return "bias" in self.zero_params
@@ -99,9 +103,6 @@ class Epsilon(Rule):
   epsilon: Any = 1e-6
   zero_params: tuple = ()
 
-  def __post_init__(self):
-    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
-
 
 def Zero(zero_params=()) -> Epsilon:
   r"""LRP-0 (Bach et al. 2015): Epsilon with `epsilon = 0`.
@@ -138,9 +139,6 @@ class ZPlus(Rule):
   epsilon: Any = 1e-6
   zero_params: tuple = ()
 
-  def __post_init__(self):
-    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
-
   def propagate(self, m, relevance):
     b = m.bias(self.zero_bias)
     if m.nonneg:
@@ -173,7 +171,7 @@ class AlphaBeta(Rule):
   zero_params: tuple = ()
 
   def __post_init__(self):
-    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
+    super().__post_init__()
     if isinstance(self.alpha, (int, float)) and isinstance(self.beta, (int, float)):
       if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-12:
         raise ValueError(f"AlphaBeta needs alpha - beta = 1 and alpha, beta >= 0 (relevance conservation); "
@@ -224,9 +222,6 @@ class Gamma(Rule):
   gamma: Any = 0.25
   epsilon: Any = 1e-6
   zero_params: tuple = ()
-
-  def __post_init__(self):
-    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
 
   def propagate(self, m, relevance):
     b = m.bias(self.zero_bias)
@@ -301,9 +296,6 @@ class WSquare(Rule):
   input_rule: ClassVar[bool] = True
   epsilon: Any = 1e-6
   zero_params: tuple = ()
-
-  def __post_init__(self):
-    object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
 
   def propagate(self, m, relevance):
     w2 = m.w * m.w
