@@ -12,7 +12,8 @@ from jaxlrp._composites import (
 from jaxlrp._core import lrp
 from jaxlrp._errors import LRPError, RulePlacementError, SelectorError, UnsupportedOpError
 from jaxlrp._rules import (
-    AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, WSquare, ZBox, Zero, ZPlus, stabilize,
+    AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, SignalTakeAll, WSquare, ZBox, Zero, ZPlus,
+    stabilize,
 )
 
 __version__ = "0.1.0.dev0"

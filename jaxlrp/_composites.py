@@ -15,7 +15,7 @@ import jax
 
 from jaxlrp._errors import SelectorError
 from jaxlrp._graph import KINDS
-from jaxlrp._rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, ZBox, ZPlus
+from jaxlrp._rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, SignalTakeAll, ZBox, ZPlus
 
 __all__ = [
     "Composite", "Kind", "First", "Last", "Path", "Name", "Where", "OpInfo",
@@ -69,7 +69,8 @@ class Selector:
 
 @dataclasses.dataclass(frozen=True)
 class Kind(Selector):
-  """Ops of a kind: "dense", "conv", "activation", "add", "sum", "avg_pool", "max_pool", or a group
+  """Ops of a kind: "dense", "conv", "activation", "norm" (a standalone elementwise scale-and-shift such as a
+  BatchNorm with no layer before it), "gate" (signal * sigmoid branch), "add", "sum", "avg_pool", "max_pool", or a group
   ("linear" = dense|conv, "pool" = avg_pool|max_pool). A kind selector may match nothing (a preset with conv
   rules works on an MLP).
 
@@ -237,6 +238,8 @@ def as_selector(s) -> Selector:
 BASE_MAP = (
     (Kind("linear"), Gradient()),
     (Kind("activation"), Pass()),
+    (Kind("norm"), Pass()),
+    (Kind("gate"), SignalTakeAll()),
     (Kind("add"), Norm()),
     (Kind("sum"), Norm()),
     (Kind("avg_pool"), Norm()),

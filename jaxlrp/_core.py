@@ -423,7 +423,13 @@ def run(p: Plan, flat_args: Sequence) -> list:
 
 def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   rule = p.rules[unit.index]
-  if unit.kind == "activation":
+  if unit.kind == "gate" and rule.mode == "signal":
+    signal, gate = (read_grad(d) for d in unit.data_ins)
+    args = [signal, jax.lax.stop_gradient(gate)]
+    if unit.data_pos[0] > unit.data_pos[1]:
+      args.reverse()
+    return bind(unit.main, *args)
+  if unit.kind in ("activation", "norm"):
     if rule.mode == "gradient" or unit.relu_only:
       return _replay_unit(unit, read, read_grad)
     consts = [read(c) for c in unit.const_ins]

@@ -53,7 +53,9 @@ ELEMENTWISE = frozenset(
 _LINEAR_ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "neg", "convert_element_type", "copy",
                                  "reduce_precision"})
 
-KINDS = ("dense", "conv", "activation", "add", "sum", "avg_pool", "max_pool")
+KINDS = ("dense", "conv", "activation", "norm", "gate", "add", "sum", "avg_pool", "max_pool")
+_SHAPE_ONLY = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "expand_dims",
+                         "transpose", "copy"})
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -208,6 +210,12 @@ def analyse(program: Program, explained: list) -> Analysis:
   def shape(i):
     return tuple(avals[i].shape)
 
+  def _is_sigmoid_branch(v) -> bool:
+    """`v` is (a reshape/broadcast of) a region output computed with a sigmoid."""
+    while v not in root_of and v in producer and producer[v].prim_name in _SHAPE_ONLY:
+      v = next((a for a in producer[v].ins if isinstance(a, int) and a in data), None)
+    return v in root_of and any(e.prim_name == "logistic" for e in regions[root_of[v]].eqns)
+
   def claim(unit: Unit):
     unit.index = len(units)
     units.append(unit)
@@ -298,6 +306,13 @@ def analyse(program: Program, explained: list) -> Analysis:
     if name in _ADDITIVE and len(dins) == 2:
       claim(Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins)))
       continue
+    if name == "mul" and len(dins) == 2:
+      gates = [d for d in dins if _is_sigmoid_branch(d)]
+      if len(gates) == 1:  # signal * sigmoid(...): a gate (squeeze-and-excitation, LSTM/GRU gates)
+        signal = next(d for d in dins if d != gates[0])
+        claim(Unit("gate", [e], [signal, gates[0]], [e.outs[0]], e,
+                   (e.ins.index(signal), e.ins.index(gates[0]))))
+        continue
     if name in STRUCTURAL:
       if name in ("gather", "dynamic_slice", "dynamic_update_slice") and any(
           a in data for a in e.ins[1:] if isinstance(a, int) and name != "dynamic_update_slice"):
@@ -307,7 +322,8 @@ def analyse(program: Program, explained: list) -> Analysis:
       continue  # scaling by a constant: linear, the ordinary VJP is the proportional rule
     unsupported.append((e, f"`{name}`" + (" of two data-dependent operands" if len(dins) > 1 else "")))
 
-  # Finalise activation regions: keep those with a nonlinearity.
+  # Finalise regions: those with a nonlinearity are activations; affine ones with a shift are standalone
+  # norms (a BatchNorm with no layer before it); pure scalings keep their ordinary VJP (exact).
   for region in regions.values():
     member_outs = {o for e in region.eqns for o in e.outs}
     region.outs = [o for o in member_outs
@@ -315,7 +331,9 @@ def analyse(program: Program, explained: list) -> Analysis:
     region.outs.sort(key=lambda o: next(i for i, e in enumerate(region.eqns) if o in e.outs))
     region.main = region.eqns[0]
     if all(e.prim_name in _LINEAR_ELEMENTWISE for e in region.eqns):
-      continue  # affine only: the ordinary VJP is right
+      if not any(e.prim_name in ("add", "sub") for e in region.eqns):
+        continue
+      region.kind = "norm"
     region.relu_only = all(_is_relu(e) for e in region.eqns)
     claim(region)
   units.sort(key=lambda u: program.eqns.index(u.eqns[-1]))

@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = [
     "Rule", "Zero", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "Pass", "Norm",
-    "Gradient", "stabilize",
+    "Gradient", "SignalTakeAll", "stabilize",
 ]
 
 LAYER_KINDS = frozenset({"dense", "conv"})
@@ -336,7 +336,8 @@ class ZBox(Rule):
 
 @_rule("epsilon")
 class Pass(Rule):
-  r"""Identity rule for elementwise activations: relevance passes unchanged, :math:`R_z = R_a` for `a = phi(z)`.
+  r"""Identity rule for elementwise activations and standalone norms: relevance passes unchanged,
+  :math:`R_z = R_a` for `a = phi(z)`.
 
   In gradient form `g_z = g_a * a / stab(z)`. For ReLU regions jaxlrp uses the gradient, which is the same
   and exact. `epsilon` defaults to 1e-10 (LXT's identity rule), so the rule is a pass-through in float32.
@@ -348,7 +349,7 @@ class Pass(Rule):
   """
 
   mode: ClassVar[str] = "pass"
-  kinds: ClassVar[frozenset] = frozenset({"activation"})
+  kinds: ClassVar[frozenset] = frozenset({"activation", "norm"})
   epsilon: Any = 1e-10
 
 
@@ -382,7 +383,24 @@ class Gradient(Rule):
   """
 
   mode: ClassVar[str] = "gradient"
-  kinds: ClassVar[frozenset] = LAYER_KINDS | PARAM_FREE_KINDS | {"max_pool", "activation"}
+  kinds: ClassVar[frozenset] = LAYER_KINDS | PARAM_FREE_KINDS | {"max_pool", "activation", "norm", "gate"}
+
+
+@_rule()
+class SignalTakeAll(Rule):
+  r"""Gates (Arras et al. 2017, 2019): in `y = signal * gate` with the gate computed by a sigmoid, all relevance
+  goes to the signal, :math:`R_{signal} = R_y`; the gate is a constant of the explanation.
+
+  In gradient form the gate operand is held constant (`stop_gradient`), which is exact.
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite(("gate", jaxlrp.SignalTakeAll()))
+    Composite(('gate', SignalTakeAll()))
+  """
+
+  mode: ClassVar[str] = "signal"
+  kinds: ClassVar[frozenset] = frozenset({"gate"})
 
 
 def _pos(v):

@@ -230,3 +230,28 @@ def test_composites_combine_and_last_match_wins():
   rows = jaxlrp.show_rules(mlp, comp, PARAMS, X, argnums=1, print_table=False)
   assert [repr(r.rule) for r in rows if r.kind == "dense"] == ["Epsilon(epsilon=1e-06)", "Epsilon(epsilon=0.0)"]
   assert repr(comp) == "Composite(('linear', Epsilon(epsilon=1e-06)), (Path('w2'), Epsilon(epsilon=0.0)))"
+
+
+def test_gate_sends_all_relevance_to_the_signal():
+  w = _normal(4, 4)
+  f = lambda w, x: (x @ w) * jax.nn.sigmoid(x @ w.T)  # noqa: E731 - signal * sigmoid gate
+  rows = jaxlrp.show_rules(f, jaxlrp.EpsilonPlus(), w, X, argnums=1, print_table=False)
+  assert [r.kind for r in rows].count("gate") == 1
+  g = jaxlrp.lrp(f, jaxlrp.Composite(("dense", jaxlrp.Zero())), argnums=1)
+  r = jax.grad(lambda x: g(w, x).sum())(X)
+  # The gate is a constant: the relevance is LRP-0 of the signal branch seeded with the whole output.
+  gate = jax.nn.sigmoid(X @ w.T)
+  expected = X * jax.grad(lambda x: ((x @ w) * gate).sum())(X)
+  np.testing.assert_allclose(r, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(r.sum(), f(w, X).sum(), rtol=1e-4)
+
+
+def test_standalone_norm_passes_relevance():
+  w, v = _normal(4, 4), _normal(4, 4)
+  mean, scale, shift = _normal(4), _normal(4), _normal(4)
+  f = lambda p, x: ((x @ p[0] + x @ p[1]) - mean) * scale + shift  # noqa: E731 - a BatchNorm after a residual add
+  rows = jaxlrp.show_rules(f, jaxlrp.EpsilonPlus(), (w, v), X, argnums=1, print_table=False)
+  assert [r.kind for r in rows] == ["dense", "dense", "add", "norm"]
+  g = jaxlrp.lrp(f, jaxlrp.Composite(("dense", jaxlrp.Zero())), argnums=1)
+  r = jax.grad(lambda x: g((w, v), x).sum())(X)
+  np.testing.assert_allclose(r.sum(), f((w, v), X).sum(), rtol=1e-4)  # Pass, Norm and LRP-0 conserve
