@@ -46,7 +46,6 @@ if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` and the loc
     sys.path.insert(0, str(_ROOT))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import models  # noqa: E402

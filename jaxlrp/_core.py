@@ -19,7 +19,7 @@ from jaxlrp._rules import LayerMath, Rule, ZBox, compute_dtype, stabilize
 
 __all__ = ["lrp", "plan"]
 
-_SHAPE_OPS = ("reshape", "squeeze", "expand_dims")
+_SHAPE_OPS = ("reshape", "squeeze", "expand_dims", "transpose")
 _WEIGHT_TRACE_OPS = ("convert_element_type", "transpose", "reshape", "squeeze", "expand_dims", "copy",
                      "broadcast_in_dim", "reduce_precision", "sharding_constraint", "device_put")
 

@@ -241,7 +241,7 @@ def analyse(program: Program, explained: list) -> Analysis:
       elif name == "convert_element_type":
         if not is_float(avals[out]):
           break
-      elif name not in ("reshape", "squeeze", "expand_dims"):
+      elif name not in ("reshape", "squeeze", "expand_dims", "transpose"):
         break
       unit.epilogue.append(n)
       unit.eqns.append(n)

@@ -405,6 +405,11 @@ def test_relevance_shape_dtype(impls, name):
 
 # ---- parameter-path selection --------------------------------------------------------------------------------
 
+# Parameter paths as jaxlrp reports them (show_rules), the weight operand's key path joined with "/":
+#   linen   params/Conv_0/kernel        (the variables dict)
+#   nnx     conv1/kernel/value          (the nnx.State from nnx.split; note the trailing /value)
+#   equinox conv1/weight, layers/0/weight  (field paths of the eqx.partition-ed params)
+#   jnp     conv1/w, 0/w                (the params dict / list)
 # The first dense layer of the MLP, in each framework's own parameter-path spelling.
 MLP_FIRST_LAYER = {
     "linen": "params/Dense_0*",
@@ -497,6 +502,17 @@ def test_path_matching_nothing_raises(impls, name):
     )
     r = jax.grad(lambda x: jaxlrp.lrp(impl.f, comp, argnums=1)(impl.params, x)[0, 0])(x)
     assert np.all(np.isfinite(np.asarray(r)))
+
+
+def test_linen_name_selector_equals_path_selector(impls):
+    """Name("LinenCNN/Conv_1") (the linen name stack) selects what Path("params/Conv_1*") selects."""
+    x, t = _inputs("cnn"), _targets()
+    impl = impls["cnn"]["linen"]
+    by_name = jaxlrp.EpsilonPlus() + jaxlrp.Composite((jaxlrp.Name("LinenCNN/Conv_1"), jaxlrp.Gamma(0.5)))
+    by_path = jaxlrp.EpsilonPlus() + jaxlrp.Composite((jaxlrp.Path("params/Conv_1*"), jaxlrp.Gamma(0.5)))
+    r_name, r_path = relevance(impl, by_name, x, t), relevance(impl, by_path, x, t)
+    np.testing.assert_array_equal(r_name, r_path)
+    assert _err(relevance(impl, jaxlrp.EpsilonPlus(), x, t), r_path) > 1e-4
 
 
 def test_show_rules_paths(impls, capsys):

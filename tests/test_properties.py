@@ -315,7 +315,7 @@ def _conservation_error(spec, composite):
     return float(np.max(np.abs(total - score) / np.abs(score))), total, score
 
 
-@_settings(25)
+@_settings(20)
 @given(spec=net_specs(bias=False))
 def test_lrp0_conserves_on_bias_free_nets(spec):
     err, total, score = _conservation_error(spec, LRP0_EXACT())
@@ -323,12 +323,13 @@ def test_lrp0_conserves_on_bias_free_nets(spec):
     assert err <= 1e-5, (spec, total, score)
 
 
-@_settings(10)
+@_settings(8)
 @given(spec=net_specs(bias=False))
 def test_lrp0_base_map_conserves_up_to_stabilisers(spec):
     """With the base map's Norm(1e-6) on adds / means / pools. Each stabilised value y absorbs about
     eps * |R_y / y| (an absolute amount, not a relative one), so the relative error grows as scores get small:
-    about 2e-5 was seen at |f_t| = 0.025. The bound here is loose on purpose; the exact test is above."""
+    about 2e-5 was seen at |f_t| = 0.025 and 1e-4 over a few hundred examples. The bound here is loose on
+    purpose; the exact test is above."""
     err, total, score = _conservation_error(spec, LRP0())
     _record("1b. conservation, LRP-0 with the base map's Norm(1e-6)", err)
     assert err <= 1e-3, (spec, total, score)
@@ -339,7 +340,7 @@ def test_lrp0_base_map_conserves_up_to_stabilisers(spec):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@_settings(25)
+@_settings(20)
 @given(spec=net_specs(bias=False, relu_only=True))
 def test_lrp0_is_gradient_times_input_on_relu_nets(spec):
     f, params, x = build(spec)
@@ -351,10 +352,12 @@ def test_lrp0_is_gradient_times_input_on_relu_nets(spec):
     err = _rel_err(r, gxi)
     _record("2. exact LRP-0 vs gradient x input (/ max|R|)", err)
     assert err <= 1e-5, spec
-    # The base map's Norm(1e-6) on residual adds / means / pools moves it slightly.
+    # The base map's Norm(1e-6) on residual adds / means / pools moves it: by eps / |y| on the relevance through
+    # a stabilised value y, so small means of mostly-dead relu channels matter (up to 2e-3 seen; with Norm(1e-9)
+    # the same nets agree to 2e-7).
     err = _rel_err(relevance(f, params, x, LRP0(), t), gxi)
     _record("2b. LRP-0 with the base map vs gradient x input (/ max|R|)", err)
-    assert err <= 1e-3, spec
+    assert err <= 5e-3, spec
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def test_lrp0_is_gradient_times_input_on_relu_nets(spec):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@_settings(15)
+@_settings(10)
 @given(spec=net_specs(), preset=st.sampled_from(sorted(PRESETS)))
 def test_jit_and_vmap_match_eager(spec, preset):
     f, params, x = build(spec)
@@ -465,10 +468,14 @@ def test_grad_of_grad_matches_finite_differences(spec, preset):
     err = abs(fd - analytic) / max(abs(fd), abs(analytic))
     _record(f"grad-of-grad vs FD (float64, relative, {preset})", err)
     assert err < 1e-4, (analytic, fd)
-    # The float32 gradient is the float64 one, roughly.
-    err32 = max(_rel_err(a, b) for a, b in zip(jax.tree.leaves(grads32), jax.tree.leaves(g64)))
-    _record(f"grad-of-grad float32 vs float64 (/ max, per leaf, {preset})", err32)
-    assert err32 < 1e-2
+    # The float32 gradient is the float64 one, up to float32 rounding (relative to the largest entry of all
+    # leaves: a leaf whose gradient is ~0, such as the last bias under EpsilonPlus, has no relative accuracy).
+    scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(g64))
+    err32 = max(
+        float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(grads32), jax.tree.leaves(g64))
+    ) / scale
+    _record(f"grad-of-grad float32 vs float64 (/ max, {preset})", err32)
+    assert err32 < 1e-4
 
 
 @pytest.mark.parametrize(
