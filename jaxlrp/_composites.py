@@ -15,11 +15,14 @@ import jax
 
 from jaxlrp._errors import SelectorError
 from jaxlrp._graph import KINDS
-from jaxlrp._rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, SignalTakeAll, ZBox, ZPlus
+from jaxlrp._rules import (
+    AlphaBeta, ConstantStd, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, SignalTakeAll, Uniform, ZBox, ZPlus,
+)
 
 __all__ = [
     "Composite", "Kind", "First", "Last", "Path", "Name", "Where", "OpInfo",
     "EpsilonPlus", "EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat",
+    "AttnLRP", "CPLRP",
 ]
 
 KIND_GROUPS = {"linear": ("dense", "conv"), "pool": ("avg_pool", "max_pool")}
@@ -240,6 +243,7 @@ BASE_MAP = (
     (Kind("activation"), Pass()),
     (Kind("norm"), Pass()),
     (Kind("gate"), SignalTakeAll()),
+    (Kind("softmax"), Gradient()),
     (Kind("add"), Norm()),
     (Kind("sum"), Norm()),
     (Kind("avg_pool"), Norm()),
@@ -374,3 +378,32 @@ def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6) -> Composite:
     3
   """
   return EpsilonAlpha2Beta1(epsilon) + Composite((First(allow_empty=True), Flat()))
+
+
+def AttnLRP(epsilon: float = 1e-6) -> Composite:
+  """AttnLRP (Achtibat et al. 2024): Epsilon on dense and conv layers, the uniform rule on products of two data
+  values (attention scores, attention x values, gated MLPs), the Taylor rule (the gradient) on softmax, LayerNorm
+  and RMSNorm with the standard deviation held constant, the identity rule on activations, and the gradient on
+  residual adds and means (as LXT's efficient mode).
+
+  Example:
+    >>> import jaxlrp
+    >>> [type(rule).__name__ for _, rule in jaxlrp.AttnLRP().pairs]
+    ['Epsilon', 'Uniform', 'Uniform', 'Gradient', 'ConstantStd', 'Pass', 'Gradient', 'Gradient']
+  """
+  return Composite(("linear", Epsilon(epsilon)), ("bilinear", Uniform()), ("gate", Uniform()),
+                   ("softmax", Gradient()), ("norm", ConstantStd()), ("activation", Pass()),
+                   ("add", Gradient()), ("sum", Gradient()))
+
+
+def CPLRP(epsilon: float = 1e-6) -> Composite:
+  """CP-LRP (Ali et al. 2022, "XAI for Transformers: Better Explanations through Conservative Propagation"):
+  AttnLRP's map, but attention weights and gates are constants, so no relevance flows through queries, keys or
+  gate branches; all relevance of `A v` goes to the values.
+
+  Example:
+    >>> import jaxlrp
+    >>> type(jaxlrp.CPLRP().pairs[-1][1]).__name__
+    'SignalTakeAll'
+  """
+  return AttnLRP(epsilon) + Composite(("gate", SignalTakeAll()))

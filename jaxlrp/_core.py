@@ -127,7 +127,7 @@ def _where(op: OpInfo) -> str:
 def _check_placement(p: Plan) -> None:
   a = p.analysis
   for unit, op, rule in zip(a.units, p.ops, p.rules):
-    if not rule.input_rule:
+    if rule is None or not rule.input_rule:
       continue
     if unit.data_ins[0] not in a.relevance_form:
       raise RulePlacementError(
@@ -269,10 +269,13 @@ def _rescale_bwd(res, g):
 _rescale.defvjp(_rescale_fwd, _rescale_bwd)
 
 
-def _region_op(unit: Unit):
-  """Identity rule for an activation region `a_k = phi_k(z)`: `g_z = sum_k g_k * a_k / stab(z)`."""
+def _identity_op(unit: Unit):
+  """Identity rule from the unit's first data input `z` to its outputs `a_k`: `g_z = sum_k g_k * a_k / stab(z)`.
+
+  Activation regions and norms; further data inputs (a norm's standard deviation) are constants here.
+  """
   root = unit.data_ins[0]
-  const_ids = unit.const_ins
+  const_ids = unit.data_ins[1:] + unit.const_ins
 
   def forward(z, consts):
     env = _replay(unit.eqns, {root: z, **dict(zip(const_ids, consts))})
@@ -289,9 +292,35 @@ def _region_op(unit: Unit):
   def bwd(res, gs):
     z, outs, epsilon = res
     cd = compute_dtype(z.dtype)
-    rel = sum(g.astype(cd) * a.astype(cd) for g, a in zip(gs, outs))
+    rel = sum(g.astype(cd) * a.astype(cd) for g, a in zip(gs, outs) if _jax.is_float(a))
     gz = rel / stabilize(z.astype(cd), jnp.asarray(epsilon, cd))
     return gz.astype(z.dtype), None, None
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+def _uniform_op(eqn, data_pos: tuple):
+  """A product of two data values whose backward gives each factor half: the gradient scaled by 1/2."""
+
+  def assemble(a, b, others):
+    args, it = [], iter(others)
+    for i in range(len(eqn.ins)):
+      args.append(a if i == data_pos[0] else b if i == data_pos[1] else next(it))
+    return args
+
+  @jax.custom_vjp
+  def op(a, b, others):
+    return bind(eqn, *assemble(a, b, others))[0]
+
+  def fwd(a, b, others):
+    return op(a, b, others), (a, b, others)
+
+  def bwd(res, g):
+    a, b, others = res
+    _, vjp = jax.vjp(lambda a, b: bind(eqn, *assemble(a, b, others))[0], a, b)
+    ga, gb = vjp(g)
+    return (ga * 0.5).astype(a.dtype), (gb * 0.5).astype(b.dtype), None
 
   op.defvjp(fwd, bwd)
   return op
@@ -398,12 +427,18 @@ def run(p: Plan, flat_args: Sequence) -> list:
       return grad_form[x]
     return read(x)
 
+  # Data-independent equations first (parameters, biases, masks), so that every unit can be bound at its first
+  # equation: a unit's other inputs are then all available, whatever order the program computed them in.
+  independent = [e for e in prog.eqns if e in a.live and e not in a.depends_on_data]
+  for e in independent:
+    env.update(zip(e.outs, bind(e, *[read(x) for x in e.ins])))
+  skip = set(independent)
   for e in prog.eqns:
-    if e not in a.live:
+    if e not in a.live or e in skip:
       continue
     unit = a.unit_of.get(e)
     if unit is not None:
-      if e is unit.eqns[-1]:
+      if e is unit.eqns[0]:
         env.update(zip(unit.outs, _emit(p, unit, env, read, read_grad)))
       continue
     if e in input_region:
@@ -423,18 +458,32 @@ def run(p: Plan, flat_args: Sequence) -> list:
 
 def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   rule = p.rules[unit.index]
-  if unit.kind == "gate" and rule.mode == "signal":
-    signal, gate = (read_grad(d) for d in unit.data_ins)
-    args = [signal, jax.lax.stop_gradient(gate)]
-    if unit.data_pos[0] > unit.data_pos[1]:
-      args.reverse()
-    return bind(unit.main, *args)
-  if unit.kind in ("activation", "norm"):
-    if rule.mode == "gradient" or unit.relu_only:
-      return _replay_unit(unit, read, read_grad)
-    consts = [read(c) for c in unit.const_ins]
-    return _region_op(unit)(read_grad(unit.data_ins[0]), consts, rule.epsilon)
-  if rule.mode == "gradient":
+  if rule is None and not p.strict:
+    return _replay_unit(unit, read, read_grad)
+  if rule is None:  # no rule in the composite: bind unchanged, raise if relevance reaches it
+    message = _missing_rule_message(unit, p.ops[unit.index])
+    ins = [read_grad(a) if isinstance(a, int) else a.val for e in unit.eqns[:1] for a in e.ins]
+    local = {unit.main.outs[0]: _unsupported_op(unit.main, message)(*ins)[0]}
+    local.update({c: read(c) for c in unit.const_ins})
+    _replay(unit.eqns[1:], local)
+    return [local[o] for o in unit.outs]
+  if rule.mode == "signal":  # the second data input (a gate, a standard deviation) is a constant
+    env_ = {unit.data_ins[0]: read_grad(unit.data_ins[0])}
+    env_.update({d: jax.lax.stop_gradient(read_grad(d)) for d in unit.data_ins[1:]})
+    env_.update({c: read(c) for c in unit.const_ins})
+    _replay(unit.eqns, env_)
+    return [env_[o] for o in unit.outs]
+  if rule.mode == "uniform":
+    a, b = (read_grad(d) for d in unit.data_ins)
+    others = [x.val if isinstance(x, Lit) else read(x) for i, x in enumerate(unit.main.ins) if i not in unit.data_pos]
+    local = {unit.main.outs[0]: _uniform_op(unit.main, unit.data_pos)(a, b, others)}
+    local.update({c: read(c) for c in unit.const_ins})
+    _replay(unit.epilogue, local)
+    return [local[o] for o in unit.outs]
+  if unit.kind in ("activation", "norm") and rule.mode == "pass" and not unit.relu_only:
+    consts = [jax.lax.stop_gradient(read_grad(d)) for d in unit.data_ins[1:]] + [read(c) for c in unit.const_ins]
+    return _identity_op(unit)(read_grad(unit.data_ins[0]), consts, rule.epsilon)
+  if rule.mode in ("gradient", "pass"):
     return _replay_unit(unit, read, read_grad)
   if rule.mode == "rescale":
     (z,) = _replay_unit(unit, read, read_grad)
@@ -449,6 +498,14 @@ def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   is_box = isinstance(rule, ZBox)
   bounds = _bounds(p, unit, rule, env) if is_box else ()
   return [_layer_op(unit, rule, is_box)(x, consts, jax.tree_util.tree_leaves(rule), bounds)]
+
+
+def _missing_rule_message(unit: Unit, op: OpInfo) -> str:
+  what = {"bilinear": f"a product of two data-dependent values (`{unit.main.prim_name}` of two data-dependent "
+                      f"operands, e.g. attention scores q.k^T)"}.get(unit.kind, f"the {unit.kind} op")
+  return (f"The composite assigns no rule to {what}: {_where(op)}, and relevance reaches it.\n"
+          f"Fix: add a pair for it, e.g. jaxlrp.Composite((\"{unit.kind}\", jaxlrp.Uniform())) (AttnLRP's uniform "
+          f"rule), use jaxlrp.AttnLRP(), or pass strict=False to propagate its plain gradient.")
 
 
 def _replay_unit(unit: Unit, read, read_grad) -> list:

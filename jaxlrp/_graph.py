@@ -50,10 +50,11 @@ ELEMENTWISE = frozenset(
         "custom_jvp_call", "reduce_precision", "copy", "nextafter", "floor", "ceil", "round", "is_finite",
     }
 )
+_COMPARISONS = frozenset({"gt", "ge", "lt", "le", "eq", "ne", "and", "or", "not", "is_finite"})
 _LINEAR_ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "neg", "convert_element_type", "copy",
                                  "reduce_precision"})
 
-KINDS = ("dense", "conv", "activation", "norm", "gate", "add", "sum", "avg_pool", "max_pool")
+KINDS = ("dense", "conv", "bilinear", "gate", "softmax", "norm", "activation", "add", "sum", "avg_pool", "max_pool")
 _SHAPE_ONLY = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "expand_dims",
                          "transpose", "copy"})
 
@@ -107,6 +108,7 @@ class Analysis:
   units: list
   unit_of: dict  # eqn -> unit
   unsupported: list  # (eqn, reason)
+  depends_on_data: set  # equations whose value depends on the explained input (any dtype, through stop_gradient)
   producer: dict  # id -> eqn
   nonneg: set
 
@@ -162,6 +164,44 @@ class Analysis:
     return v
 
 
+def _through(v, prims, producer, data):
+  """Walks back from `v` through single-data-operand ops named in `prims`; returns (value, eqns passed)."""
+  passed = []
+  while v in producer and producer[v].prim_name in prims:
+    e = producer[v]
+    nxt = [a for a in e.ins if isinstance(a, int) and (a in data or e.prim_name == "stop_gradient")]
+    if len(nxt) != 1:
+      break
+    passed.append(e)
+    v = nxt[0]
+  return v, passed
+
+
+def _softmax_at(div: Eqn, data, producer, uses):
+  """Recognises `exp(x - max(x)) / sum(exp(x - max(x)))` ending at `div` (jax.nn.softmax and hand-written)."""
+  num, den = div.ins
+  if not (isinstance(num, int) and isinstance(den, int) and num in data and den in data):
+    return None
+  d, chain = _through(den, ("broadcast_in_dim", "reshape", "expand_dims"), producer, data)
+  red = producer.get(d)
+  ex = producer.get(num)
+  if red is None or ex is None or red.prim_name != "reduce_sum" or red.ins[0] != num or ex.prim_name != "exp":
+    return None
+  if any(u not in (red, div) for u in uses.get(num, ())):
+    return None
+  members = [div, red, ex, *chain]
+  x = ex.ins[0]
+  sub = producer.get(x)
+  if sub is not None and sub.prim_name == "sub" and isinstance(sub.ins[1], int):
+    m, max_chain = _through(sub.ins[1], ("broadcast_in_dim", "reshape", "expand_dims", "stop_gradient", "max"),
+                            producer, data | {sub.ins[1]})
+    top = producer.get(m)
+    if top is not None and top.prim_name == "reduce_max" and top.ins[0] == sub.ins[0]:
+      members += [sub, top, *max_chain]
+      x = sub.ins[0]
+  return Unit("softmax", members, [x], [div.outs[0]], div, (0,))
+
+
 def _is_relu(e: Eqn) -> bool:
   if e.prim_name == "custom_jvp_call":  # jax.nn.relu: custom_jvp around jit[name=relu] around max(x, 0)
     body = e.params["call_jaxpr"].jaxpr.eqns
@@ -196,6 +236,12 @@ def analyse(program: Program, explained: list) -> Analysis:
   for e in program.eqns:
     if e in live and e.prim_name != "stop_gradient" and any(isinstance(a, int) and a in data for a in e.ins):
       data.update(o for o in e.outs if is_float(avals[o]))
+  dependent = set(explained)
+  depends_on_data = set()
+  for e in program.eqns:
+    if any(isinstance(a, int) and a in dependent for a in e.ins):
+      depends_on_data.add(e)
+      dependent.update(e.outs)
   relevance_form = {i for i in explained if is_float(avals[i])}
   input_region: list = []
   units: list = []
@@ -210,11 +256,53 @@ def analyse(program: Program, explained: list) -> Analysis:
   def shape(i):
     return tuple(avals[i].shape)
 
-  def _is_sigmoid_branch(v) -> bool:
-    """`v` is (a reshape/broadcast of) a region output computed with a sigmoid."""
-    while v not in root_of and v in producer and producer[v].prim_name in _SHAPE_ONLY:
+  def _region_with(v, prims) -> bool:
+    """`v` is (a reshape/broadcast of) a region value computed with one of `prims`."""
+    while v not in root_of and v in producer and producer[v].prim_name in _SHAPE_ONLY | {"mul", "div"}:
+      ins = [a for a in producer[v].ins if isinstance(a, int) and a in data]
+      if len(ins) != 1:
+        return False
+      v = ins[0]
+    return v in root_of and any(e.prim_name in prims for e in regions[root_of[v]].eqns)
+
+  def _is_gate_branch(v) -> bool:
+    """A sigmoid branch (SE blocks, LSTM gates, SiLU) or a softmax output (attention weights)."""
+    if _region_with(v, ("logistic",)):
+      return True
+    while v in producer and producer[v].prim_name in _SHAPE_ONLY:
       v = next((a for a in producer[v].ins if isinstance(a, int) and a in data), None)
-    return v in root_of and any(e.prim_name == "logistic" for e in regions[root_of[v]].eqns)
+    return v in producer and getattr(unit_of.get(producer[v]), "kind", None) == "softmax"
+
+  def _is_std_branch(v, divides: bool) -> bool:
+    """An inverse standard deviation (`rsqrt(var + eps)`), or a standard deviation when dividing by it."""
+    return _region_with(v, ("sqrt",) if divides else ("rsqrt",))
+
+  def _classify_product(e, dins):
+    """A product of two data values: a norm (x * inverse std), a gate (x * sigmoid, attention weights x values)
+    or another bilinear product (q . k^T, gated MLPs without a sigmoid)."""
+    a, b = dins
+    pos = lambda *vs: tuple(e.ins.index(v) for v in vs)  # noqa: E731
+    if e.prim_name == "div":
+      if e.ins[0] == a and _is_std_branch(b, divides=True):
+        unit = Unit("norm", [e], [a, b], [e.outs[0]], e, pos(a, b))
+        absorb_epilogue(unit)
+        return unit
+      return None
+    if e.prim_name == "mul":
+      stds = [d for d in dins if _is_std_branch(d, divides=False)]
+      if len(stds) == 1:
+        signal = a if stds[0] == b else b
+        unit = Unit("norm", [e], [signal, stds[0]], [e.outs[0]], e, pos(signal, stds[0]))
+        absorb_epilogue(unit)
+        return unit
+    gates = [d for d in dins if _is_gate_branch(d)]
+    if len(gates) == 1:
+      signal = a if gates[0] == b else b
+      unit = Unit("gate", [e], [signal, gates[0]], [e.outs[0]], e, pos(signal, gates[0]))
+    else:
+      unit = Unit("bilinear", [e], [a, b], [e.outs[0]], e, pos(a, b))
+    absorb_epilogue(unit, masks=True)
+    return unit
 
   def claim(unit: Unit):
     unit.index = len(units)
@@ -222,7 +310,7 @@ def analyse(program: Program, explained: list) -> Analysis:
     for e in unit.eqns:
       unit_of[e] = unit
 
-  def absorb_epilogue(unit: Unit):
+  def absorb_epilogue(unit: Unit, masks: bool = False):
     cur = unit.outs[0]
     while cur not in outputs and len(uses.get(cur, ())) == 1:
       n = uses[cur][0]
@@ -241,12 +329,23 @@ def analyse(program: Program, explained: list) -> Analysis:
       elif name == "convert_element_type":
         if not is_float(avals[out]):
           break
+      elif name == "select_n" and masks:  # attention masks: where(mask, scores, -inf)
+        if shape(out) != shape(cur):
+          break
       elif name not in ("reshape", "squeeze", "expand_dims", "transpose"):
         break
       unit.epilogue.append(n)
       unit.eqns.append(n)
       cur = out
     unit.outs = [cur]
+
+  for e in program.eqns:
+    if e in live and e.prim_name == "div":
+      softmax = _softmax_at(e, data, producer, uses)
+      if softmax is not None and not any(m in unit_of for m in softmax.eqns):
+        order = {id(x): i for i, x in enumerate(program.eqns)}
+        softmax.eqns.sort(key=lambda x: order[id(x)])
+        claim(softmax)
 
   for e in program.eqns:
     if e not in live or e in unit_of:
@@ -256,6 +355,13 @@ def analyse(program: Program, explained: list) -> Analysis:
       continue
     float_outs = [o for o in e.outs if is_float(avals[o])]
     name = e.prim_name
+    if not float_outs and name in _COMPARISONS and len(e.outs) == 1 and shape(e.outs[0]) == shape(dins[0]):
+      roots = {root_of.get(d, d) for d in dins}
+      if len(roots) == 1 and roots.pop() in regions:  # e.g. the `x > 0` of a leaky relu: part of its region
+        region = regions[root_of.get(dins[0], dins[0])]
+        region.eqns.append(e)
+        root_of[e.outs[0]] = region.data_ins[0]
+        continue
     if not float_outs or name == "stop_gradient":
       continue  # discrete results (comparisons, argmax) are constants of the explanation
 
@@ -272,10 +378,15 @@ def analyse(program: Program, explained: list) -> Analysis:
         input_region.append(e)
         continue
 
+    if name in ("dot_general", "mul", "div") and len(dins) == 2 and (
+        name == "dot_general" or len({root_of.get(d, d) for d in dins}) == 2):
+      product = _classify_product(e, dins)
+      if product is not None:
+        claim(product)
+        continue
     if name in ("dot_general", "conv_general_dilated"):
       if len(dins) != 1:
-        unsupported.append((e, f"`{name}` of two data-dependent operands (a bilinear product, e.g. attention "
-                               "scores): no rule in this release"))
+        unsupported.append((e, f"`{name}` of two data-dependent operands"))
         continue
       pos = tuple(i for i, a in enumerate(e.ins) if a == dins[0])
       weight = e.ins[1 - pos[0]]
@@ -306,13 +417,6 @@ def analyse(program: Program, explained: list) -> Analysis:
     if name in _ADDITIVE and len(dins) == 2:
       claim(Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins)))
       continue
-    if name == "mul" and len(dins) == 2:
-      gates = [d for d in dins if _is_sigmoid_branch(d)]
-      if len(gates) == 1:  # signal * sigmoid(...): a gate (squeeze-and-excitation, LSTM/GRU gates)
-        signal = next(d for d in dins if d != gates[0])
-        claim(Unit("gate", [e], [signal, gates[0]], [e.outs[0]], e,
-                   (e.ins.index(signal), e.ins.index(gates[0]))))
-        continue
     if name in STRUCTURAL:
       if name in ("gather", "dynamic_slice", "dynamic_update_slice") and any(
           a in data for a in e.ins[1:] if isinstance(a, int) and name != "dynamic_update_slice"):
@@ -341,7 +445,7 @@ def analyse(program: Program, explained: list) -> Analysis:
     u.index = i
 
   analysis = Analysis(program, list(explained), live, data, relevance_form, input_region, units, unit_of,
-                      unsupported, producer, set())
+                      unsupported, depends_on_data, producer, set())
   analysis.nonneg = _nonneg_facts(analysis)
   for u in units:
     u.nonneg_input = all(d in analysis.nonneg for d in u.data_ins)

@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = [
     "Rule", "Zero", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "Pass", "Norm",
-    "Gradient", "SignalTakeAll", "stabilize",
+    "Gradient", "SignalTakeAll", "Uniform", "ConstantStd", "stabilize",
 ]
 
 LAYER_KINDS = frozenset({"dense", "conv"})
@@ -376,6 +376,9 @@ class Norm(Rule):
 class Gradient(Rule):
   r"""The plain gradient: :math:`R_x = x \odot J^\top g` (LRP-0 on linear ops, winner-takes-all on max pools).
 
+  On a softmax `s = softmax(x)` this is the Taylor rule at `x` of AttnLRP (Achtibat et al. 2024),
+  :math:`R_x = x \odot (R - s \sum R)`: in gradient form it is exactly the softmax's VJP.
+
   Example:
     >>> import jaxlrp
     >>> jaxlrp.Composite(("max_pool", jaxlrp.Gradient()))
@@ -383,7 +386,8 @@ class Gradient(Rule):
   """
 
   mode: ClassVar[str] = "gradient"
-  kinds: ClassVar[frozenset] = LAYER_KINDS | PARAM_FREE_KINDS | {"max_pool", "activation", "norm", "gate"}
+  kinds: ClassVar[frozenset] = LAYER_KINDS | PARAM_FREE_KINDS | {"max_pool", "activation", "norm", "gate",
+                                                                  "bilinear", "softmax"}
 
 
 @_rule()
@@ -401,6 +405,41 @@ class SignalTakeAll(Rule):
 
   mode: ClassVar[str] = "signal"
   kinds: ClassVar[frozenset] = frozenset({"gate"})
+
+
+@_rule()
+class Uniform(Rule):
+  r"""The uniform rule for products of two data values (AttnLRP, Achtibat et al. 2024): each factor gets half.
+
+  For `y = a * b` (or a matrix product such as `q k^T`, `A v`):
+  :math:`R_a = R_b = \tfrac12 R_y` elementwise in the bilinear sense, i.e. half the gradient in gradient form
+  (a product is homogeneous of degree 2, so `a . da + b . db = 2 y`).
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite(("bilinear", jaxlrp.Uniform()))
+    Composite(('bilinear', Uniform()))
+  """
+
+  mode: ClassVar[str] = "uniform"
+  kinds: ClassVar[frozenset] = frozenset({"bilinear", "gate"})
+
+
+@_rule()
+class ConstantStd(Rule):
+  r"""LayerNorm / RMSNorm with the standard deviation held constant (AttnLRP; LXT's convention).
+
+  For `y = (x - mean(x)) / std(x)` the division by `std` is linear once `std` is a constant, so relevance follows
+  the gradient through the centring (and the affine scale and bias, where the bias absorbs its share).
+
+  Example:
+    >>> import jaxlrp
+    >>> jaxlrp.Composite(("norm", jaxlrp.ConstantStd()))
+    Composite(('norm', ConstantStd()))
+  """
+
+  mode: ClassVar[str] = "signal"
+  kinds: ClassVar[frozenset] = frozenset({"norm"})
 
 
 def _pos(v):
