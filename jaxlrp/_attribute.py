@@ -146,7 +146,8 @@ def show_rules(f: Callable, composite: Composite, *args, argnums=0, strict: bool
   rows = [RuleRow(op.index, op.kind, op.name, op.path, rule, op.source) for op, rule in zip(p.ops, p.rules)]
   if print_table:
     header = ("#", "name stack", "parameter path", "op", "rule")
-    body = [(str(r.index), r.name or "-", r.path or "-", r.kind, repr(r.rule)) for r in rows]
+    body = [(str(r.index), r.name or "-", r.path or "-", r.kind,
+             repr(r.rule) if r.rule is not None else "none (raises if relevance reaches it)") for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     print(line(header))

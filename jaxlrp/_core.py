@@ -211,6 +211,19 @@ def _affine(unit: Unit, consts: dict, u_shape, dtype):
   return s, t
 
 
+def _scale_for_weight(s, fold_axes, weight_rank: int):
+  """The per-feature scale `s` (output-shaped) reshaped to broadcast against the weight."""
+  out_axes, weight_axes = fold_axes
+  s = s[tuple(slice(None) if d in out_axes else 0 for d in range(s.ndim))]  # feature axes, increasing order
+  order = sorted(range(len(out_axes)), key=lambda k: out_axes[k])
+  targets = [weight_axes[k] for k in order]  # the weight axis of each remaining axis of s
+  s = jnp.transpose(s, np.argsort(targets))
+  shape = [1] * weight_rank
+  for ax, n in zip(sorted(targets), s.shape):
+    shape[ax] = n
+  return s.reshape(shape)
+
+
 def _layer_op(unit: Unit, rule: Rule, bounds_given: bool):
   """A custom-VJP op replaying `unit` forward bit for bit; its backward is `rule.propagate`."""
   data_id = unit.data_ins[0]
@@ -240,6 +253,8 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool):
     w = env[unit.weight].astype(cd) if unit.weight is not None else None
     if w is None:
       raise RulePlacementError(f"{type(rule_).__name__} needs a weight operand; {unit.kind} ops have none.")
+    if s is not None and unit.fold_axes is not None:  # fold a per-feature scale (BatchNorm) into the weight
+      w, s = w * _scale_for_weight(s, unit.fold_axes, w.ndim), None
     m = LayerMath(lin, xc, w, z.astype(cd), s, t, unit.nonneg_input and not rule_.input_rule,
                   tuple(_cast(b, cd) for b in bounds) if bounds_given else None, unit.feeds_relu)
     out = rule_.propagate(m, z.astype(cd) * g.astype(cd))

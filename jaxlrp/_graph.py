@@ -75,6 +75,7 @@ class Unit:
   relu_only: bool = False  # an activation region made only of relu
   nonneg_input: bool = False  # the data input is known to be >= 0 (sign fact)
   feeds_relu: bool = False  # the output's only use is a ReLU (its relevance is 0 where the output is <= 0)
+  fold_axes: Optional[tuple] = None  # (output axes, weight axes) when the epilogue scale is per output feature
   index: int = -1
 
   @property
@@ -453,7 +454,44 @@ def analyse(program: Program, explained: list) -> Analysis:
     consumer = unit_of.get(out_uses[0]) if len(out_uses) == 1 else None
     u.feeds_relu = (u.kind in ("dense", "conv") and u.outs[0] not in outputs and consumer is not None
                     and consumer.kind == "activation" and consumer.relu_only)
+    if u.has_scale and u.kind in ("dense", "conv") and u.weight is not None:
+      u.fold_axes = _per_feature_scale(u, avals)
   return analysis
+
+
+def _feature_axes(unit: Unit, avals):
+  """(output axes, weight axes) of the output features of a dense/conv layer; None for batched dots."""
+  e = unit.main
+  if unit.kind == "conv":
+    dn = e.params["dimension_numbers"]
+    return (dn.out_spec[1],), (dn.rhs_spec[0],)
+  (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+  if lb or rb:
+    return None
+  ranks = [len(avals[a].shape) if isinstance(a, int) else 0 for a in e.ins]
+  lhs_free = [d for d in range(ranks[0]) if d not in lc]
+  rhs_free = [d for d in range(ranks[1]) if d not in rc]
+  if unit.data_pos[0] == 0:  # weight on the right: its free dims are the last output dims
+    return tuple(range(len(lhs_free), len(lhs_free) + len(rhs_free))), tuple(rhs_free)
+  return tuple(range(len(lhs_free))), tuple(lhs_free)
+
+
+def _per_feature_scale(unit: Unit, avals):
+  """The folded scale can go into the weight when it varies only along the output features (BatchNorm)."""
+  axes = _feature_axes(unit, avals)
+  if axes is None:
+    return None
+  rank = len(avals[unit.main.outs[0]].shape)
+  for e in unit.epilogue:
+    if e.prim_name in _SHAPE_ONLY and e.prim_name != "convert_element_type":
+      return None
+    if e.prim_name in ("mul", "div"):
+      for a in e.ins:
+        if isinstance(a, int) and a not in {o for x in unit.eqns for o in x.outs}:
+          shp = avals[a].shape
+          if len(shp) != rank or any(shp[d] != 1 for d in range(rank) if d not in axes[0]):
+            return None
+  return axes
 
 
 _NONNEG_PRESERVING = frozenset({"reshape", "transpose", "broadcast_in_dim", "slice", "squeeze", "expand_dims",
