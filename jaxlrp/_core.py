@@ -126,6 +126,13 @@ def _where(op: OpInfo) -> str:
 
 def _check_placement(p: Plan) -> None:
   a = p.analysis
+  for unit in a.batch_statistics:
+    op = p.ops[unit.index]
+    raise UnsupportedOpError(
+        f"The normalisation at {op.name or '<top level>'}{' (' + op.source + ')' if op.source else ''} computes its "
+        f"statistics from the batch (a reduction over axis 0): a BatchNorm in training mode. Each sample's "
+        f"relevance would depend on the other samples. Fix: run the model in inference mode "
+        f"(linen: BatchNorm(use_running_average=True); nnx: model.eval(); Equinox: eqx.nn.inference_mode(model)).")
   for unit, op, rule in zip(a.units, p.ops, p.rules):
     if rule is None or not rule.input_rule:
       continue

@@ -110,6 +110,7 @@ class Analysis:
   unit_of: dict  # eqn -> unit
   unsupported: list  # (eqn, reason)
   depends_on_data: set  # equations whose value depends on the explained input (any dtype, through stop_gradient)
+  batch_statistics: list  # norms whose statistics mix the batch (BatchNorm in training mode)
   producer: dict  # id -> eqn
   nonneg: set
 
@@ -446,7 +447,7 @@ def analyse(program: Program, explained: list) -> Analysis:
     u.index = i
 
   analysis = Analysis(program, list(explained), live, data, relevance_form, input_region, units, unit_of,
-                      unsupported, depends_on_data, producer, set())
+                      unsupported, depends_on_data, [], producer, set())
   analysis.nonneg = _nonneg_facts(analysis)
   for u in units:
     u.nonneg_input = all(d in analysis.nonneg for d in u.data_ins)
@@ -456,7 +457,26 @@ def analyse(program: Program, explained: list) -> Analysis:
                     and consumer.kind == "activation" and consumer.relu_only)
     if u.has_scale and u.kind in ("dense", "conv") and u.weight is not None:
       u.fold_axes = _per_feature_scale(u, avals)
+    if u.kind == "norm" and len(u.data_ins) == 2 and _reduces_over_batch(u.data_ins[1], producer, avals):
+      analysis.batch_statistics.append(u)
   return analysis
+
+
+def _reduces_over_batch(v, producer, avals, depth: int = 16) -> bool:
+  """A normalisation statistic computed by a reduction over axis 0 (BatchNorm in training mode)."""
+  frontier, seen = [v], set()
+  for _ in range(depth):
+    nxt = []
+    for x in frontier:
+      e = producer.get(x)
+      if e is None or id(e) in seen:
+        continue
+      seen.add(id(e))
+      if e.prim_name == "reduce_sum" and 0 in e.params["axes"] and len(avals[e.ins[0]].shape) >= 2:
+        return True
+      nxt.extend(a for a in e.ins if isinstance(a, int))
+    frontier = nxt
+  return False
 
 
 def _feature_axes(unit: Unit, avals):

@@ -255,3 +255,24 @@ def test_standalone_norm_passes_relevance():
   g = jaxlrp.lrp(f, jaxlrp.Composite(("dense", jaxlrp.Zero())), argnums=1)
   r = jax.grad(lambda x: g((w, v), x).sum())(X)
   np.testing.assert_allclose(r.sum(), f((w, v), X).sum(), rtol=1e-4)  # Pass, Norm and LRP-0 conserve
+
+
+def test_batchnorm_in_training_mode_is_rejected_with_the_fix():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    train: bool
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=not self.train)(x)
+      return nn.Dense(2)(nn.relu(x).mean((1, 2)))
+
+  x = jnp.asarray(RNG.normal(size=(2, 6, 6, 3)), jnp.float32)
+  variables = Net(train=False).init(jax.random.PRNGKey(0), x)
+  train_apply = lambda v, x: Net(train=True).apply(v, x, mutable=["batch_stats"])[0]  # noqa: E731
+  g = jaxlrp.lrp(train_apply, jaxlrp.EpsilonPlus(), argnums=1)
+  with pytest.raises(jaxlrp.UnsupportedOpError, match=r"(?s)Net/BatchNorm_0.*training mode.*use_running_average=True"):
+    g(variables, x)
+  relevance(Net(train=False).apply, jaxlrp.EpsilonPlus(), variables, x)  # inference mode is fine
