@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxlrp import _jax
 from jaxlrp._composites import Composite
-from jaxlrp._core import lrp, plan
+from jaxlrp._core import _walk, lrp, plan
 
 __all__ = ["Attribution", "attribute", "RuleRow", "show_rules"]
 
@@ -143,7 +143,8 @@ def show_rules(f: Callable, composite: Composite, *args, argnums=0, strict: bool
     [('dense', 'w', 'Flat'), ('activation', None, 'Pass'), ('dense', 'v', 'Epsilon')]
   """
   p = plan(f, composite, args, argnums, strict)
-  rows = [RuleRow(op.index, op.kind, op.name, op.path, rule, op.source) for op, rule in zip(p.ops, p.rules)]
+  rows = [RuleRow(op.index, op.kind, op.name, op.path, rule, op.source)
+          for q in _walk(p) for op, rule in zip(q.ops, q.rules) if op.kind not in ("scan", "cond")]
   if print_table:
     header = ("#", "name stack", "parameter path", "op", "rule")
     body = [(str(r.index), r.name or "-", r.path or "-", r.kind,

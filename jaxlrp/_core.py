@@ -35,6 +35,7 @@ class Plan:
   out_tree: Any
   strict: bool
   leaf_shapes: dict  # explained leaf id -> shape
+  children: dict  # scan/cond unit -> plans of its body / branches
 
 
 # ---- planning -----------------------------------------------------------------------------------------------------
@@ -92,8 +93,21 @@ def plan(f: Callable, composite: Composite, args: Sequence, argnums, strict: boo
           f"jaxlrp explains floating-point inputs, but {where} has dtype {aval.dtype} (shape {aval.shape}). "
           f"For token ids, explain the embedding output instead (pass the embedded array as the argument), "
           f"or pass argnums for the float argument.")
-  analysis = analyse(program, explained)
   path_of = dict(zip(program.invars, paths))
+  result = _build(program, explained, path_of, strict, top=True)
+  result.out_tree = out_tree
+  plans = list(_walk(result))
+  ops = [op for q in plans for op in q.ops]
+  rules = iter(composite.assign(ops))
+  for q in plans:
+    q.rules = [next(rules) for _ in q.ops]
+    _check_placement(q)
+  return result
+
+
+def _build(program, explained, path_of, strict, top=False) -> Plan:
+  """Analyses one program (the top level or a loop/branch body) and, recursively, the bodies it calls."""
+  analysis = analyse(program, explained, relevance_inputs=top)
   first_cache: dict = {}
   last_cache: dict = {}
 
@@ -112,11 +126,51 @@ def plan(f: Callable, composite: Composite, args: Sequence, argnums, strict: boo
              functools.partial(is_first, u), functools.partial(is_last, u))
       for u in analysis.units
   ]
-  rules = composite.assign(ops)
   leaf_shapes = {i: tuple(program.avals[i].shape) for i in explained}
-  result = Plan(program, analysis, ops, rules, out_tree, strict, leaf_shapes)
-  _check_placement(result)
+  result = Plan(program, analysis, ops, [], None, strict, leaf_shapes, {})
+  for e in analysis.loops:
+    raise UnsupportedOpError(
+        f"A `while_loop` at {e.name or '<top level>'} ({_jax.source_line(e)}) carries the explained data, and "
+        f"while loops are not reverse-differentiable, so relevance cannot flow back through them. Fix: use "
+        f"jax.lax.scan, or jax.lax.fori_loop with static (Python int) bounds, which lowers to a scan.")
+  for unit in analysis.units:
+    if unit.kind in ("scan", "cond"):
+      result.children[unit] = _bodies(unit, analysis, path_of, strict)
   return result
+
+
+def _bodies(unit: Unit, outer: Analysis, path_of: dict, strict: bool) -> list:
+  """Plans for the body of a scan (with the carries that become data) or for each branch of a cond."""
+  e = unit.main
+  ins = e.ins[1:] if unit.kind == "cond" else e.ins
+  is_data = [isinstance(a, int) and a in outer.data for a in ins]
+  outer_paths = {k: _weight_path(outer, a, path_of) for k, a in enumerate(ins) if isinstance(a, int)}
+  bodies = e.params["branches"] if unit.kind == "cond" else [e.params["jaxpr"]]
+  plans = []
+  for body in bodies:
+    program = _jax.flatten_program(body, prefix=e.name_stack)
+    inner_paths = {program.invars[k]: p for k, p in outer_paths.items() if p is not None}
+    if unit.kind == "scan":  # a carry is data once the body makes it so: iterate to the fixpoint
+      nc, ncarry = e.params["num_consts"], e.params["num_carry"]
+      while True:
+        data = {program.invars[k] for k, d in enumerate(is_data) if d and _jax.is_float(program.avals[program.invars[k]])}
+        probe = analyse(program, list(data), relevance_inputs=False)
+        grown = [k for k in range(ncarry) if not is_data[nc + k] and isinstance(program.outvars[k], int)
+                 and program.outvars[k] in probe.data]
+        if not grown:
+          break
+        for k in grown:
+          is_data[nc + k] = True
+    explained = [v for v, d in zip(program.invars, is_data) if d and _jax.is_float(program.avals[v])]
+    plans.append(_build(program, explained, inner_paths, strict))
+  return plans
+
+
+def _walk(p: Plan):
+  yield p
+  for children in p.children.values():
+    for child in children:
+      yield from _walk(child)
 
 
 def _where(op: OpInfo) -> str:
@@ -478,7 +532,28 @@ def run(p: Plan, flat_args: Sequence) -> list:
   return [read_grad(x) for x in prog.outvars]
 
 
+def _emit_control(p: Plan, unit: Unit, read, read_grad) -> list:
+  """Re-binds a scan or cond with bodies that run the interpreter (rules apply per step / per branch)."""
+  e, children = unit.main, p.children[unit]
+  args = [read_grad(a) if isinstance(a, int) else a.val for a in e.ins]
+  if unit.kind == "cond":
+    branches = [functools.partial(lambda c, *a: run(c, list(a)), c) for c in children]
+    return list(jax.lax.switch(args[0], branches, *args[1:]))
+  nc, ncarry = e.params["num_consts"], e.params["num_carry"]
+  consts, init, xs = args[:nc], args[nc:nc + ncarry], args[nc + ncarry:]
+
+  def body(carry, x):
+    outs = run(children[0], consts + list(carry) + list(x))
+    return outs[:ncarry], outs[ncarry:]
+
+  carry, ys = jax.lax.scan(body, init, xs, length=e.params["length"], reverse=e.params["reverse"],
+                           unroll=e.params["unroll"])
+  return list(carry) + list(ys)
+
+
 def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
+  if unit.kind in ("scan", "cond"):
+    return _emit_control(p, unit, read, read_grad)
   rule = p.rules[unit.index]
   if rule is None and not p.strict:
     return _replay_unit(unit, read, read_grad)

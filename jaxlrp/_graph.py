@@ -27,7 +27,7 @@ STRUCTURAL = frozenset(
         P.convert_element_type_p, P.rev_p, P.copy_p, P.gather_p, P.dynamic_slice_p, P.select_n_p,
         P.reduce_precision_p, P.dynamic_update_slice_p, P.sharding_constraint_p,
     )
-) | {"expand_dims", "copy_p", "device_put"}
+) | {"expand_dims", "device_put", "split"}
 
 # Structural ops that may sit between the explained input and the first layer (input region).
 _PERMUTING = frozenset(
@@ -111,6 +111,7 @@ class Analysis:
   unsupported: list  # (eqn, reason)
   depends_on_data: set  # equations whose value depends on the explained input (any dtype, through stop_gradient)
   batch_statistics: list  # norms whose statistics mix the batch (BatchNorm in training mode)
+  loops: list  # while loops on the data path (not reverse-differentiable)
   producer: dict  # id -> eqn
   nonneg: set
 
@@ -213,7 +214,9 @@ def _is_relu(e: Eqn) -> bool:
   return False
 
 
-def analyse(program: Program, explained: list) -> Analysis:
+def analyse(program: Program, explained: list, relevance_inputs: bool = True) -> Analysis:
+  """Analyses `program` with the ids `explained` as data. With `relevance_inputs` (the top level) they start an
+  input region whose propagated quantity is relevance; in a loop or branch body they are ordinary data."""
   avals = program.avals
   producer = {o: e for e in program.eqns for o in e.outs}
 
@@ -244,11 +247,12 @@ def analyse(program: Program, explained: list) -> Analysis:
     if any(isinstance(a, int) and a in dependent for a in e.ins):
       depends_on_data.add(e)
       dependent.update(e.outs)
-  relevance_form = {i for i in explained if is_float(avals[i])}
+  relevance_form = {i for i in explained if is_float(avals[i])} if relevance_inputs else set()
   input_region: list = []
   units: list = []
   unit_of: dict = {}
   unsupported: list = []
+  loops: list = []  # while loops on the data path
   regions: dict = {}  # root id -> activation region under construction
   root_of: dict = {}  # region member value -> its root
 
@@ -380,6 +384,12 @@ def analyse(program: Program, explained: list) -> Analysis:
         input_region.append(e)
         continue
 
+    if name in ("scan", "cond"):  # re-bound with an interpreted body
+      claim(Unit(name, [e], dins, list(e.outs), e, tuple(i for i, a in enumerate(e.ins) if a in dins)))
+      continue
+    if name == "while":
+      loops.append(e)
+      continue
     if name in ("dot_general", "mul", "div") and len(dins) == 2 and (
         name == "dot_general" or len({root_of.get(d, d) for d in dins}) == 2):
       product = _classify_product(e, dins)
@@ -447,7 +457,7 @@ def analyse(program: Program, explained: list) -> Analysis:
     u.index = i
 
   analysis = Analysis(program, list(explained), live, data, relevance_form, input_region, units, unit_of,
-                      unsupported, depends_on_data, [], producer, set())
+                      unsupported, depends_on_data, [], loops, producer, set())
   analysis.nonneg = _nonneg_facts(analysis)
   for u in units:
     u.nonneg_input = all(d in analysis.nonneg for d in u.data_ins)

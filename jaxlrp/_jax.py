@@ -63,8 +63,12 @@ class Program:
   avals: dict
 
 
-def flatten_program(closed) -> Program:
-  """Inlines call-like equations of a ClosedJaxpr into one flat equation list over integer ids."""
+def flatten_program(closed, prefix=None) -> Program:
+  """Inlines call-like equations of a ClosedJaxpr into one flat equation list over integer ids.
+
+  `prefix` is the name stack of the equation that holds `closed` (the body of a scan or cond), since the name
+  stacks inside a body are relative.
+  """
   avals: dict[int, Any] = {}
   eqns: list[Eqn] = []
   const_ids: list[int] = []
@@ -116,7 +120,7 @@ def flatten_program(closed) -> Program:
     env[v] = _add_const(c, v.aval)
   invars = [fresh(v.aval) for v in closed.jaxpr.invars]
   env.update(zip(closed.jaxpr.invars, invars))
-  walk(closed.jaxpr, env, source_info_util.new_name_stack())
+  walk(closed.jaxpr, env, prefix if prefix is not None else source_info_util.new_name_stack())
   outvars = [Lit(v.val) if isinstance(v, jcore.Literal) else env[v] for v in closed.jaxpr.outvars]
   return Program(eqns, invars, outvars, const_ids, const_vals, avals)
 
