@@ -380,11 +380,14 @@ def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6) -> Composite:
   return EpsilonAlpha2Beta1(epsilon) + Composite((First(allow_empty=True), Flat()))
 
 
-def AttnLRP(epsilon: float = 1e-6) -> Composite:
+def AttnLRP(epsilon: float = 0.0) -> Composite:
   """AttnLRP (Achtibat et al. 2024): Epsilon on dense and conv layers, the uniform rule on products of two data
   values (attention scores, attention x values, gated MLPs), the Taylor rule (the gradient) on softmax, LayerNorm
   and RMSNorm with the standard deviation held constant, the identity rule on activations, and the gradient on
-  residual adds and means (as LXT's efficient mode).
+  residual adds and means.
+
+  The default `epsilon=0` is LXT 2.1's efficient mode (the plain gradient on linear layers), which jaxlrp matches
+  to float rounding; pass a small `epsilon` (e.g. 1e-6) for the stabilised epsilon rule.
 
   Example:
     >>> import jaxlrp
@@ -396,7 +399,7 @@ def AttnLRP(epsilon: float = 1e-6) -> Composite:
                    ("add", Gradient()), ("sum", Gradient()))
 
 
-def CPLRP(epsilon: float = 1e-6) -> Composite:
+def CPLRP(epsilon: float = 0.0) -> Composite:
   """CP-LRP (Ali et al. 2022, "XAI for Transformers: Better Explanations through Conservative Propagation"):
   AttnLRP's map, but attention weights and gates are constants, so no relevance flows through queries, keys or
   gate branches; all relevance of `A v` goes to the values.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
+import importlib.machinery
 import types
 from typing import Callable
 
@@ -57,6 +58,8 @@ def install_torchvision_standin() -> bool:
 
     def module(name: str, doc: str) -> types.ModuleType:
         mod = types.ModuleType(name, doc)
+        # A spec, so that importlib.util.find_spec("torchvision") (transformers does this) does not fail.
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
         setattr(mod, STANDIN_FLAG, True)
         sys.modules[name] = mod
         return mod
