@@ -32,10 +32,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +45,7 @@ if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` and the loc
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import models  # noqa: E402
+from benchmarks import models, timing  # noqa: E402
 
 # Time limits (median / grad's median) from DESIGN.md section 2 "Cost"; memory goal for every LRP method.
 TIME_LIMITS = {
@@ -77,7 +74,7 @@ def make_composite(name: str):
     raise ValueError(f"unknown LRP method {name!r}; choose from {', '.join(LRP_METHODS)}")
 
 
-def build_functions(model: models.VGG, target: int, methods: tuple[str, ...]) -> dict[str, Callable]:
+def build_functions(model, target: int, methods: tuple[str, ...]) -> dict[str, Callable]:
     """The jitted ``(params, x) -> array`` function of every requested method."""
 
     def apply(params, x):
@@ -104,6 +101,7 @@ _HLO_OPS = {
     "select_and_scatter": re.compile(r"=\s*\S+\s+select-and-scatter\("),
     "scatter": re.compile(r"=\s*\S+\s+scatter\("),  # max-pool backward on JAX 0.10 CPU
     "reverse": re.compile(r"=\s*\S+\s+reverse\("),  # kernel flips of conv transposes
+    "transpose": re.compile(r"=\s*\S+\s+transpose\("),  # layout changes (kernel transposes of conv VJPs)
     "dot": re.compile(r"=\s*\S+\s+dot\("),
     "fusion": re.compile(r"=\s*\S+\s+fusion\("),
     "custom_call": re.compile(r"=\s*\S+\s+custom-call\("),
@@ -140,37 +138,21 @@ def memory_summary(compiled) -> dict[str, int]:
 
 
 def machine_info() -> dict[str, Any]:
+    """The host (``timing.host_info``) plus the JAX / Flax versions, backend and XLA flags."""
     import flax
 
     device = jax.devices()[0]
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
+    info: dict[str, Any] = timing.host_info()
+    info.update({
         "jax": jax.__version__,
         "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
         "flax": flax.__version__,
-        "numpy": np.__version__,
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "git_commit": _git_commit(),
-    }
+    })
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _jaxlib_version() -> str | None:
@@ -182,40 +164,110 @@ def _jaxlib_version() -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(_ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(_ROOT), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode:
-            return None
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):  # not on every platform
-        return [float("nan")] * 3
+_loadavg = timing.loadavg
 
 
 def _sync(tree) -> None:
     jax.block_until_ready(tree)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    methods = tuple(args.methods)
-    if "grad" not in methods:
-        raise SystemExit("--methods must include 'grad' (the baseline of every ratio)")
+def compile_methods(fns: dict[str, Callable], call_args: tuple, log: Callable[..., None] = print,
+                    dump_hlo: str = "") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Lower, compile and call once every jitted method; return (executables, per-method results).
+
+    The results hold the trace, compile and first-call times, XLA's static memory (``memory_summary``) and the
+    optimized HLO's op counts (``hlo_summary``). ``dump_hlo``: a folder to write each optimized HLO module into.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    compiled: dict[str, Any] = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        lowered = fn.lower(*call_args)  # tracing (and, for LRP, the jaxpr analysis and interpretation)
+        t1 = time.perf_counter()
+        exe = lowered.compile()
+        t2 = time.perf_counter()
+        out = exe(*call_args)  # first call: allocation and warm-up, not timed with the rounds
+        _sync(out)
+        del out
+        t3 = time.perf_counter()
+        compiled[name] = exe
+        results[name] = {
+            "trace_s": t1 - t0,
+            "compile_s": t2 - t1,
+            "first_call_s": t3 - t2,
+            "memory_bytes": memory_summary(exe),
+            "hlo": hlo_summary(exe),
+        }
+        if dump_hlo:
+            Path(dump_hlo).mkdir(parents=True, exist_ok=True)
+            (Path(dump_hlo) / f"{name}.hlo.txt").write_text(exe.as_text())
+        log(f"  {name:<20} trace {t1 - t0:6.2f} s  compile {t2 - t1:6.2f} s  first call {t3 - t2:6.2f} s")
+    return compiled, results
+
+
+def time_methods(compiled: dict[str, Any], call_args: tuple, repeats: int, log: Callable[..., None] = print):
+    """Interleaved timing rounds of compiled executables (``timing.time_interleaved``); also the load average
+    before and after. Returns (wall times, CPU times, load before, load after)."""
+    calls = {name: (lambda exe=exe: _sync(exe(*call_args))) for name, exe in compiled.items()}
+    load_before = timing.loadavg()
+    times, cpu_times = timing.time_interleaved(calls, repeats, log)
+    load_after = timing.loadavg()
+    if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) + 0.5:
+        print(f"warning: load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs: other "
+              f"processes competed for the CPU; wall-clock ratios are noisy (see the CPU-time ratios)", file=sys.stderr)
+    return times, cpu_times, load_before, load_after
+
+
+def finish_results(results: dict[str, dict[str, Any]], times: dict[str, list[float]],
+                   cpu_times: dict[str, list[float]], methods: tuple[str, ...]) -> None:
+    """Add timing statistics, ratios to grad (time, CPU time, memory, convolutions) and the limits, in place."""
+    stats = timing.summarise_times(times, cpu_times, baseline="grad")
+    grad_memory = results["grad"]["memory_bytes"]["total"]
+    grad_convs = results["grad"]["hlo"]["convolution"]
+    for name in methods:
+        res = results[name]
+        res.update(stats[name])
+        res["memory_ratio"] = res["memory_bytes"]["total"] / grad_memory
+        res["time_limit"] = TIME_LIMITS.get(name)
+        res["memory_limit"] = MEMORY_LIMIT if name in LRP_METHODS else None
+        res["within_time_limit"] = None if name not in TIME_LIMITS else res["ratio"] <= TIME_LIMITS[name]
+        res["within_memory_limit"] = None if name not in LRP_METHODS else res["memory_ratio"] <= MEMORY_LIMIT
+        res["convolution_ratio"] = res["hlo"]["convolution"] / grad_convs if grad_convs else None
+
+
+def lrp_relevances(compiled: dict[str, Any], call_args: tuple) -> dict[str, np.ndarray]:
+    """The relevance of every compiled LRP method (one more call each), as NumPy arrays."""
+    return {name: np.asarray(exe(*call_args)) for name, exe in compiled.items() if name in LRP_METHODS}
+
+
+def relevance_sanity(relevances: dict[str, np.ndarray], score: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per LRP method (recorded, not asserted): finite relevance, per-sample relevance sums and the scores."""
+    out = {}
+    for name, rel in relevances.items():
+        rel = np.asarray(rel, dtype=np.float64)
+        per_sample = rel.reshape(rel.shape[0], -1).sum(axis=1)
+        out[name] = {
+            "finite": bool(np.isfinite(rel).all()),
+            "relevance_sum": per_sample.tolist(),
+            "score": np.asarray(score, np.float64).tolist(),
+        }
+    return out
+
+
+def check_lrp_available(methods) -> None:
     if any(m in LRP_METHODS for m in methods):
         import jaxlrp
 
         if not hasattr(jaxlrp, "lrp"):
             raise SystemExit("jaxlrp.lrp is not available (core not built yet?); "
                              "run the baseline only with --methods forward,grad")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    methods = tuple(args.methods)
+    if "grad" not in methods:
+        raise SystemExit("--methods must include 'grad' (the baseline of every ratio)")
+    check_lrp_available(methods)
 
     model = models.vgg16(num_classes=args.num_classes) if args.model == "vgg16" else models.vgg16_small()
     params, x = models.init(model, args.seed, batch=args.batch, size=args.size)
@@ -226,86 +278,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"model {args.model}: {n_params / 1e6:.1f} M parameters; input {tuple(x.shape)}; target class {target}")
 
     fns = build_functions(model, target, methods)
-
-    results: dict[str, dict[str, Any]] = {}
-    compiled: dict[str, Any] = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        lowered = fn.lower(params, x)  # tracing (and, for LRP, the jaxpr analysis and interpretation)
-        t1 = time.perf_counter()
-        exe = lowered.compile()
-        t2 = time.perf_counter()
-        out = exe(params, x)  # first call: allocation and warm-up, not timed with the rounds
-        _sync(out)
-        t3 = time.perf_counter()
-        compiled[name] = exe
-        results[name] = {
-            "trace_s": t1 - t0,
-            "compile_s": t2 - t1,
-            "first_call_s": t3 - t2,
-            "memory_bytes": memory_summary(exe),
-            "hlo": hlo_summary(exe),
-        }
-        if args.dump_hlo:
-            Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
-            (Path(args.dump_hlo) / f"{name}.hlo.txt").write_text(exe.as_text())
-        log(f"  {name:<20} trace {t1 - t0:6.2f} s  compile {t2 - t1:6.2f} s  first call {t3 - t2:6.2f} s")
+    compiled, results = compile_methods(fns, (params, x), log, args.dump_hlo)
 
     # Sanity of the explanations (recorded, not asserted): finite relevance, and how much of the score it keeps.
     score = np.asarray(compiled["forward"](params, x) if "forward" in compiled else model.apply(params, x))[:, target]
-    for name in methods:
-        if name in LRP_METHODS:
-            rel = np.asarray(compiled[name](params, x), dtype=np.float64)
-            per_sample = rel.reshape(rel.shape[0], -1).sum(axis=1)
-            results[name]["sanity"] = {
-                "finite": bool(np.isfinite(rel).all()),
-                "relevance_sum": per_sample.tolist(),
-                "score": score.astype(np.float64).tolist(),
-            }
+    for name, sanity in relevance_sanity(lrp_relevances(compiled, (params, x)), score).items():
+        results[name]["sanity"] = sanity
 
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    cpu_times: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
-    load_before = _loadavg()
-    for r in range(args.repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            exe = compiled[name]
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = exe(params, x)
-            _sync(out)
-            times[name].append(time.perf_counter() - t0)
-            cpu_times[name].append(time.process_time() - c0)
-            del out
-        log(f"  round {r + 1}/{args.repeats}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f}" for n in names) + " ms")
-
-    load_after = _loadavg()
-    if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) + 0.5:
-        print(f"warning: load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs: other "
-              f"processes competed for the CPU; wall-clock ratios are noisy (see the CPU-time ratios)", file=sys.stderr)
-    grad_median = statistics.median(times["grad"])
-    grad_cpu_median = statistics.median(cpu_times["grad"])
-    grad_memory = results["grad"]["memory_bytes"]["total"]
-    grad_convs = results["grad"]["hlo"]["convolution"]
-    for name in methods:
-        t = times[name]
-        res = results[name]
-        res["times_s"] = t
-        res["median_s"] = statistics.median(t)
-        res["min_s"] = min(t)
-        res["max_s"] = max(t)
-        res["ratio"] = res["median_s"] / grad_median
-        res["ratio_min"] = res["min_s"] / min(times["grad"])
-        # Process CPU time (all threads) of each call: less sensitive than wall time to other processes' load.
-        res["cpu_times_s"] = cpu_times[name]
-        res["cpu_median_s"] = statistics.median(cpu_times[name])
-        res["cpu_ratio"] = res["cpu_median_s"] / grad_cpu_median
-        res["memory_ratio"] = res["memory_bytes"]["total"] / grad_memory
-        res["time_limit"] = TIME_LIMITS.get(name)
-        res["memory_limit"] = MEMORY_LIMIT if name in LRP_METHODS else None
-        res["within_time_limit"] = None if name not in TIME_LIMITS else res["ratio"] <= TIME_LIMITS[name]
-        res["within_memory_limit"] = None if name not in LRP_METHODS else res["memory_ratio"] <= MEMORY_LIMIT
-        res["convolution_ratio"] = res["hlo"]["convolution"] / grad_convs if grad_convs else None
+    times, cpu_times, load_before, load_after = time_methods(compiled, (params, x), args.repeats, log)
+    finish_results(results, times, cpu_times, methods)
 
     return {
         "benchmark": "overhead",

@@ -181,9 +181,10 @@ class AlphaBeta(Rule):
     b = m.bias(self.zero_bias)
     a, bt, eps = self.alpha, self.beta, self.epsilon
     if m.nonneg:
-      fp = m.F("P", m.x)
-      za = fp + _pos(b)
-      zb = m.linear_out - fp + _neg(b)  # W- x = W x - W+ x, with W x taken from the forward
+      # W- x is computed directly, not as W x - W+ x: where W+ x dominates, the difference loses the digits
+      # that z_b is made of (float32 cancellation), and the beta part of the relevance is scaled by them.
+      za = m.F("P", m.x) + _pos(b)
+      zb = m.F("N", m.x) + _neg(b)
       ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
       # W-^T is applied directly, not as W^T - W+^T: where z_b is ~0, c_b is huge and the difference of two
       # large transposes would cancel catastrophically.
