@@ -121,6 +121,154 @@ def hlo_summary(compiled) -> dict[str, Any]:
     return counts
 
 
+# ---- Where the time goes: entry ops of the optimized HLO by category, and a profiled call per method ----------
+
+HLO_CATEGORIES = (
+    "conv: model forward",
+    "conv: rule forward (W+ x, ...)",
+    "conv: transpose",
+    "dot",
+    "elementwise, activation-sized: forward",
+    "elementwise, activation-sized: backward",
+    "weight-sized (kernel layout copies, W+/W-, BN folding)",
+    "pooling",
+    "other",
+)
+XPROF_FLAG = "--xla_cpu_enable_xprof_traceme=true"  # per-op trace events on CPU (set before JAX starts)
+
+
+def _hlo_computations(text: str) -> dict[str, str]:
+    comps, cur, buf = {}, None, []
+    for line in text.split("\n"):
+        head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if head and line.rstrip().endswith("{"):
+            cur, buf = head.group(1), []
+        elif line.startswith("}") and cur is not None:
+            comps[cur] = "\n".join(buf)
+            cur = None
+        elif cur is not None:
+            buf.append(line)
+    return comps
+
+
+def hlo_categories(text: str, batch: int) -> dict[str, str]:
+    """The category (one of ``HLO_CATEGORIES``) of every instruction of the optimized HLO's entry computation.
+
+    Convolutions (also inside fusions) are told apart by their JAX op name: no ``transpose(`` = the network's
+    forward; ``.../transpose(jvp())/conv_general_dilated`` = a forward-type convolution computed inside an LRP
+    rule's backward (a jaxlrp custom-VJP backward has an empty name stack), e.g. ``W+ x``; anything else under a
+    transpose = a VJP transpose. Other ops are "activation-sized" when their output's leading dimension is the
+    batch and their dimensions are not a permutation of a parameter's (a kernel), else "weight-sized". A heuristic
+    for diagnostics: op names may change with JAX or jaxlrp.
+    """
+    comps = _hlo_computations(text)
+    entry = text[text.index("\nENTRY"):] if "\nENTRY" in text else text
+    param_dims = {tuple(sorted(int(d) for d in re.findall(r"\d+", m.group(1))))
+                  for m in re.finditer(r"= \w+\[([\d,]*)\]\S* parameter\(", entry)}
+    out: dict[str, str] = {}
+    for line in entry.split("\n"):
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])?\S* ([\w-]+)\(", line)
+        if not m:
+            continue
+        name, shape, op = m.group(1), m.group(2) or "", m.group(3)
+        if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+            continue
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        op_name = op_name.group(1) if op_name else ""
+        called = re.search(r"calls=%([\w.-]+)", line)
+        body = comps.get(called.group(1), "") if called else ""
+        dims = [int(d) for d in re.findall(r"\d+", shape.split("[", 1)[1])] if "[" in shape else []
+        n_transpose = op_name.count("transpose(")
+        if op == "convolution" or " convolution(" in body:
+            if n_transpose == 0:
+                cat = "conv: model forward"
+            elif op_name.endswith("transpose(jvp())/conv_general_dilated"):
+                cat = "conv: rule forward (W+ x, ...)"
+            else:
+                cat = "conv: transpose"
+        elif op == "dot" or " dot(" in body:
+            cat = "dot"
+        elif any(k in op for k in ("reduce-window", "scatter", "select-and-scatter")) or any(
+                k in name for k in ("reduce-window", "scatter")):
+            cat = "pooling"
+        elif dims and dims[0] == batch and len(dims) > 1 and tuple(sorted(dims)) not in param_dims:
+            cat = "elementwise, activation-sized: " + ("forward" if n_transpose == 0 else "backward")
+        elif dims:
+            cat = "weight-sized (kernel layout copies, W+/W-, BN folding)"
+        else:
+            cat = "other"
+        out[name] = cat
+    return out
+
+
+def profile_categories(compiled: dict[str, Any], call_args: tuple, batch: int, rounds: int = 2,
+                       log: Callable[..., None] = print) -> dict[str, dict[str, Any]]:
+    """Per method: milliseconds per call spent in each HLO op category (``hlo_categories``), from a profiled run.
+
+    Runs every executable ``rounds`` times under ``jax.profiler.trace`` and sums the durations of its per-op
+    trace events. On CPU these events exist only when JAX was started with ``XLA_FLAGS`` containing
+    ``XPROF_FLAG``; without it the result is empty. Ops of one call may run concurrently on the CPU's threads, so
+    the per-category sums can add up to more than the call's wall time (``wall_ms``).
+    """
+    import gzip
+    import tempfile
+
+    if XPROF_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        log(f"profile: XLA_FLAGS lacks {XPROF_FLAG}; no per-op events")
+        return {}
+    with tempfile.TemporaryDirectory(prefix="jaxlrp-profile-") as tmp:
+        opts = jax.profiler.ProfileOptions()
+        opts.host_tracer_level = 3
+        opts.python_tracer_level = 0
+        with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=opts):
+            for _ in range(rounds):
+                for name, exe in compiled.items():
+                    with jax.profiler.TraceAnnotation(f"jaxlrp_method_{name}"):
+                        _sync(exe(*call_args))
+        traces = sorted(Path(tmp).glob("plugins/profile/*/perfetto_trace.json.gz"))
+        if not traces:
+            return {}
+        with gzip.open(traces[-1]) as f:
+            data = json.load(f)
+    events = [e for e in (data["traceEvents"] if isinstance(data, dict) else data) if e.get("ph") == "X"]
+    prefix = "jaxlrp_method_"  # (a ':' in an annotation's name is cut off by the trace converter)
+    windows = [(e["name"][len(prefix):], e["ts"], e["ts"] + e["dur"]) for e in events
+               if e["name"].startswith(prefix)]
+    ops = sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("args", {}).get("hlo_op"))
+    out: dict[str, dict[str, Any]] = {}
+    for name, exe in compiled.items():
+        cats = hlo_categories(exe.as_text(), batch)
+        ms = {c: 0.0 for c in HLO_CATEGORIES}
+        n_ops = {c: 0 for c in HLO_CATEGORIES}
+        for c in cats.values():
+            n_ops[c] += 1
+        wall = 0.0
+        mine = [w for w in windows if w[0] == name]
+        for _, t0, t1 in mine:
+            wall += t1 - t0
+            for ts, dur, op in ops:
+                if t0 <= ts <= t1:
+                    ms[cats.get(op, "other")] += dur
+        n = max(len(mine), 1)
+        out[name] = {"wall_ms": wall / n / 1e3, "ms": {c: v / n / 1e3 for c, v in ms.items()}, "ops": n_ops}
+    return out
+
+
+def profile_table(profile: dict[str, dict[str, Any]]) -> str:
+    """Markdown: ms per call (and number of HLO entry ops) per category, one column per method."""
+    if not profile:
+        return ""
+    names = list(profile)
+    lines = ["| HLO op category: ms per call (ops) | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names),
+             "| wall time of the profiled call | " + " | ".join(f"{profile[n]['wall_ms']:.0f}" for n in names) + " |"]
+    for c in HLO_CATEGORIES:
+        if not any(profile[n]["ops"][c] for n in names):
+            continue
+        lines.append(f"| {c} | " + " | ".join(f"{profile[n]['ms'][c]:.0f} ({profile[n]['ops'][c]})" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def memory_summary(compiled) -> dict[str, int]:
     """Static buffer sizes from XLA's buffer assignment; ``total`` = temp + argument + output bytes."""
     stats = compiled.memory_analysis()

@@ -11,14 +11,17 @@ with respect to the input, the baseline), and jaxlrp's ``Epsilon`` (everywhere),
 
 Then, in a subprocess (so that the two frameworks never compete for the cores at the same time; the parent waits),
 the same network in plain torch (``torch_models.TorchResNet50``, loaded with the *same* variables, eval mode,
-``torch.set_num_threads(2)`` by default) on the same input: torch's forward (``no_grad``), torch's gradient
+parameters without ``requires_grad``) on the same input, with ``torch.set_num_threads(2)`` and, by default,
+``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``): torch's forward (``no_grad``), torch's gradient
 (``torch.autograd.grad`` of the same scalar) and Zennit's presets of the same names and parameters, with a
 ``SequentialMergeBatchNorm`` canonizer (every conv/BatchNorm pair, projection shortcuts included: the count is
-checked) and the residual adds as ``zennit.layer.Sum`` modules (Zennit gives them ``Norm``, as jaxlrp gives a residual
-add). Each Zennit preset has its own model copy with its composite registered for the whole run, so the rounds
-interleave exactly like the JAX side's. Zennit's output relevance is seeded with ``one_hot(target) * output``,
-which is what jaxlrp computes, so the relevances are compared too (recorded, not asserted), and so are the two
-forwards (the same function up to float32 rounding).
+checked) and the residual adds as ``zennit.layer.Sum`` modules (Zennit gives them ``Norm``, as jaxlrp gives a
+residual add). Each Zennit preset has its own model copy; its composite is registered (canonizers applied, hooks
+attached) right before each of its calls and removed right after, outside the timed region, so the rounds interleave
+like the JAX side's and Zennit's hooks do not keep four sets of activations alive. Zennit's output relevance is
+seeded with ``one_hot(target) * output``, which is what jaxlrp computes, so the relevances are compared too
+(recorded, not asserted), and so are the two forwards (the same function up to float32 rounding). The torch side's
+memory is the peak process RSS increase during each method's first call (approximate).
 
 Reported, for both libraries: medians (min, max) of wall-clock time, their ratio to the library's own gradient, the
 ratio of process CPU time (all threads; steadier when other jobs load the machine), and the load average before and
@@ -31,6 +34,8 @@ Usage::
     python benchmarks/resnet50.py --quick     # batch 1, 64x64, 3 rounds -> benchmarks/results/resnet50_quick.json
     python benchmarks/resnet50.py --no-zennit # the JAX side only
     python benchmarks/resnet50.py --dump-hlo benchmarks/results/hlo_resnet50   # each method's optimized HLO
+    python benchmarks/resnet50.py --no-zennit --profile   # + ms per HLO op category (conv forward / rule forward /
+                                                          #   transpose, elementwise, weight-sized) per method
 
 No assertion is made on the timings; the table marks ratios above their goals.
 """
@@ -56,7 +61,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import timing  # noqa: E402  (no JAX, no torch: the torch worker imports this module too)
 
-# The same goals as overhead.py (kept there; repeated here so the torch worker need not import JAX).
+# The methods of overhead.py (checked in run_jax; repeated here so that the torch worker need not import JAX).
 LRP_METHODS = ("Epsilon", "EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1")
 ALL_METHODS = ("forward", "grad") + LRP_METHODS
 BOX_LOW, BOX_HIGH = -3.0, 3.0
@@ -128,6 +133,10 @@ def run_jax(args) -> tuple[dict[str, Any], dict[str, Any]]:
     log(f"[jax] {args.repeats} interleaved rounds (ms):")
     times, cpu_times, load_before, load_after = overhead.time_methods(compiled, (variables, x), args.repeats, log)
     overhead.finish_results(results, times, cpu_times, methods)
+    profile = {}
+    if args.profile:
+        log("[jax] profiled calls (per-op trace events, HLO op categories)")
+        profile = overhead.profile_categories(compiled, (variables, x), args.batch, rounds=2, log=log)
     del compiled
 
     part = {
@@ -141,6 +150,8 @@ def run_jax(args) -> tuple[dict[str, Any], dict[str, Any]]:
         "limits": {"time": overhead.TIME_LIMITS, "memory": overhead.MEMORY_LIMIT},
         "results": results,
     }
+    if profile:
+        part["profile"] = profile
     arrays = {
         "variables": jax.tree_util.tree_map(np.asarray, variables),
         "x_nhwc": np.asarray(x),
@@ -170,10 +181,14 @@ def run_zennit_subprocess(args, arrays: dict[str, Any], workdir: Path) -> dict[s
         "quiet": args.quiet,
     }
     (workdir / "config.json").write_text(json.dumps(config))
-    log(f"[torch] worker subprocess (torch.set_num_threads({args.torch_threads})); JAX is idle meanwhile")
+    env = dict(os.environ)
+    if args.omp_wait_policy != "unset":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    log(f"[torch] worker subprocess (torch.set_num_threads({args.torch_threads}), OMP_WAIT_POLICY "
+        f"{env.get('OMP_WAIT_POLICY', '(unset)')}); JAX is idle meanwhile")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--torch-worker", str(workdir / "config.json")],
-                          cwd=str(_ROOT))
+                          cwd=str(_ROOT), env=env)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"the torch/Zennit worker failed (exit status {proc.returncode}); see its output above, "
@@ -335,6 +350,7 @@ def torch_worker(config_path: str) -> None:
             "zennit": getattr(zennit, "__version__", None) or _dist_version("zennit"),
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "mkldnn": bool(mkldnn and mkldnn.is_available()),
             "torchvision": "stand-in" if zennit_twins.install_torchvision_standin() else "real",
         },
@@ -427,7 +443,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{jx['load_average_after'][0]:.2f}")
     if tr:
         tm_ = tr["machine"]
-        lines[-1] += f"; torch {tm_['torch']} ({tm_['torch_threads']} threads), zennit {tm_['zennit']}  "
+        lines[-1] += (f"; torch {tm_['torch']} ({tm_['torch_threads']} threads, OMP_WAIT_POLICY "
+                      f"{tm_.get('omp_wait_policy')}), zennit {tm_['zennit']}  ")
         load += f"; torch phase {tr['load_average_before'][0]:.2f} -> {tr['load_average_after'][0]:.2f}"
     else:
         lines[-1] += "  "
@@ -471,6 +488,12 @@ def markdown_table(report: dict[str, Any]) -> str:
         cc = tr["crosscheck"]
         lines.append(f"Forward of the torch twin vs the linen model: max |diff| {cc['forward_max_abs_diff']:.1e} "
                      f"(max |logit| {cc['forward_max_abs']:.1f}).")
+    if jx.get("profile"):
+        from benchmarks import overhead
+
+        lines += ["", "Where jaxlrp's time goes (--profile: mean of two profiled calls per method after the timed rounds; "
+                  "XLA runs independent ops concurrently, so the rows can add up to more than the wall time):", "",
+                  overhead.profile_table(jx["profile"])]
     return "\n".join(lines)
 
 
@@ -490,9 +513,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=ALL_METHODS, help=f"comma-separated subset of {','.join(ALL_METHODS)} (grad is required)")
     p.add_argument("--no-zennit", action="store_true", help="skip the torch/Zennit side")
     p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for the Zennit side")
+    p.add_argument("--omp-wait-policy", choices=("passive", "active", "unset"), default="passive",
+                   help="OMP_WAIT_POLICY of the torch worker (default passive: OpenMP threads sleep instead of "
+                        "spinning at barriers; with spinning, Zennit's many small parallel regions ran up to 30x "
+                        "slower whenever other jobs loaded the 2 cores); 'unset' leaves the environment as it is")
     p.add_argument("--json", default=None, help="where to write the JSON report ('' to skip; default "
                    "benchmarks/results/resnet50.json, or resnet50_quick.json with --quick)")
     p.add_argument("--dump-hlo", default="", help="folder to write each JAX method's optimized HLO into")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed rounds, profile each JAX method and report ms per HLO op category "
+                        f"(sets XLA_FLAGS {'--xla_cpu_enable_xprof_traceme=true'} for this process)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -522,6 +552,8 @@ def main(argv=None) -> dict[str, Any] | None:
         torch_worker(args.torch_worker)
         return None
     t_start = time.perf_counter()
+    if args.profile:  # before JAX starts its backend (run_jax imports it)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     jax_part, arrays = run_jax(args)
     zennit_part = None
     if not args.no_zennit:

@@ -31,3 +31,42 @@ def test_small_vgg_forward_shape():
     names = list(params["params"])
     assert sum(n.startswith("Conv_") for n in names) == 13
     assert sum(n.startswith("Dense_") for n in names) == 3
+
+
+def _load(name: str, filename: str):
+    path = _MODELS.parent / filename
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_resnet_forward_and_torch_twin():
+    """ResNet-50's structure at base width 8: shapes, BatchNorm count, finite logits; the torch twin (if torch is
+    installed) computes the same function from the same variables."""
+    import numpy as np
+    import pytest
+
+    models = _load_models()
+    model = models.resnet50_small(num_classes=10, num_filters=8)
+    variables, x = models.init(model, 0, batch=2, size=32)
+    out = jax.jit(model.apply)(variables, x)
+    assert out.shape == (2, 10)
+    assert bool(jnp.isfinite(out).all())
+    params = variables["params"]
+    blocks = [n for n in params if n.startswith("BottleneckResNetBlock_")]
+    assert len(blocks) == 16
+    assert sum("conv_proj" in params[b] for b in blocks) == 4
+    n_bn = 1 + sum(3 + ("norm_proj" in params[b]) for b in blocks)
+    assert n_bn == 53
+    scales = np.concatenate([np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
+                             if jax.tree_util.keystr(p).endswith("['scale']")])
+    assert (scales < 0).any() and (scales > 0).any()  # BatchNorm scales of both signs
+
+    torch = pytest.importorskip("torch")
+    tm = _load("_benchmark_torch_models", "torch_models.py")
+    twin = tm.load_flax_variables(tm.TorchResNet50(width=8, num_classes=10), jax.tree_util.tree_map(np.asarray, variables))
+    with torch.no_grad():
+        out_t = twin(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(out_t, np.asarray(out), rtol=1e-4, atol=1e-4 * float(np.abs(out_t).max()))
