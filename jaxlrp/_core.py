@@ -285,33 +285,50 @@ def _scale_for_weight(s, fold_axes, weight_rank: int):
   return s.reshape(shape)
 
 
-def _layer_op(unit: Unit, rule: Rule, bounds_given: bool):
-  """A custom-VJP op replaying `unit` forward bit for bit; its backward is `rule.propagate`."""
+def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = None):
+  """A custom-VJP op replaying `unit` forward bit for bit; its backward is `rule.propagate`.
+
+  With `relu` (a ReLU activation unit whose output is the layer's input, given the Pass rule), the op takes the
+  ReLU's *input* `u` and applies the ReLU itself: its residuals are then `u` and the layer output `z`, which the
+  neighbouring ops keep anyway, instead of the ReLU output as a third activation per layer. The backward
+  recomputes `relu(u)` and ends with the ReLU's Pass rule (`g_u = g_x` where `x > 0`, else 0).
+  """
   data_id = unit.data_ins[0]
   const_ids = unit.const_ins
   treedef = jax.tree_util.tree_structure(rule)
 
-  def forward(x, consts):
-    env = _replay(unit.eqns, {data_id: x, **dict(zip(const_ids, consts))})
+  def layer_input(u):
+    if relu is None:
+      return u
+    return _replay(relu.eqns, {relu.data_ins[0]: u})[relu.outs[0]]
+
+  def forward(u, consts):
+    env = _replay(unit.eqns, {data_id: layer_input(u), **dict(zip(const_ids, consts))})
     return env[unit.outs[0]]
 
   @jax.custom_vjp
-  def op(x, consts, leaves, bounds):
-    return forward(x, consts)
+  def op(u, consts, leaves, bounds):
+    return forward(u, consts)
 
-  def fwd(x, consts, leaves, bounds):
-    z = forward(x, consts)
-    return z, (x, consts, leaves, bounds, z)
+  def fwd(u, consts, leaves, bounds):
+    z = forward(u, consts)
+    return z, (u, consts, leaves, bounds, z)
 
   def bwd(res, g):
-    x, consts, leaves, bounds, z = res
+    u, consts, leaves, bounds, z = res
     rule_ = jax.tree_util.tree_unflatten(treedef, leaves)
-    cd = compute_dtype(x.dtype)
+    cd = compute_dtype(u.dtype)
+    # XLA schedules work as early as its inputs allow: the rule's modified forwards (W+ x, ...) and a recomputed
+    # ReLU would run during the forward pass, or be merged with the forward's own ReLU, and be held until the
+    # backward reaches this layer (one more activation per layer). A zero taken from the cotangent makes them
+    # wait for it.
+    after_g = jnp.zeros((), cd) * g.reshape(-1)[0].astype(cd)
+    x = layer_input(u + after_g.astype(u.dtype)) if relu is not None else u
     env = dict(zip(const_ids, consts))
     lin = _lin_fn(unit, env, cd)
     s, t = _affine(unit, env, unit.main.out_avals[0].shape, cd)
     xc = x.astype(cd)
-    w = env[unit.weight].astype(cd) if unit.weight is not None else None
+    w = env[unit.weight].astype(cd) + after_g if unit.weight is not None else None
     if w is None:
       raise RulePlacementError(f"{type(rule_).__name__} needs a weight operand; {unit.kind} ops have none.")
     if s is not None and unit.fold_axes is not None:  # fold a per-feature scale (BatchNorm) into the weight
@@ -319,7 +336,9 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool):
     m = LayerMath(lin, xc, w, z.astype(cd), s, t, unit.nonneg_input and not rule_.input_rule,
                   tuple(_cast(b, cd) for b in bounds) if bounds_given else None, unit.feeds_relu)
     out = rule_.propagate(m, z.astype(cd) * g.astype(cd))
-    return out.astype(x.dtype), None, None, None
+    if relu is not None:  # relu(u) > 0 exactly where u > 0; masking by u keeps the mask independent of g
+      out = jnp.where(u > 0, out, jnp.zeros((), out.dtype))
+    return out.astype(u.dtype), None, None, None
 
   op.defvjp(fwd, bwd)
   return op
@@ -590,11 +609,26 @@ def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
       consts = {c: read(c) for c in unit.const_ins}
       t = _affine(unit, consts, unit.main.out_avals[0].shape, cd)[1]
     return [_rescale(z, t, rule.epsilon)]
-  x = read(unit.data_ins[0]) if rule.input_rule else read_grad(unit.data_ins[0])
+  relu = None if rule.input_rule else _relu_before(p, unit)
+  if relu is not None:
+    x = read_grad(relu.data_ins[0])
+  else:
+    x = read(unit.data_ins[0]) if rule.input_rule else read_grad(unit.data_ins[0])
   consts = [read(c) for c in unit.const_ins]
   is_box = isinstance(rule, ZBox)
   bounds = _bounds(p, unit, rule, env) if is_box else ()
-  return [_layer_op(unit, rule, is_box)(x, consts, jax.tree_util.tree_leaves(rule), bounds)]
+  return [_layer_op(unit, rule, is_box, relu)(x, consts, jax.tree_util.tree_leaves(rule), bounds)]
+
+
+def _relu_before(p: Plan, unit: Unit) -> Unit | None:
+  """The ReLU unit (Pass or gradient rule, one data input) whose output is `unit`'s data input, if any."""
+  e = p.analysis.producer.get(unit.data_ins[0])
+  act = p.analysis.unit_of.get(e)
+  if (act is None or act.kind != "activation" or not act.relu_only or len(act.data_ins) != 1
+      or act.outs != [unit.data_ins[0]]):
+    return None
+  rule = p.rules[act.index]
+  return act if rule is not None and rule.mode in ("pass", "gradient") else None
 
 
 def _missing_rule_message(unit: Unit, op: OpInfo) -> str:

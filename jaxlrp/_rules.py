@@ -224,12 +224,15 @@ class Gamma(Rule):
   epsilon: Any = 1e-6
   zero_params: tuple = ()
 
+  def _relu_fast_path(self, nonneg, feeds_relu, scaled) -> bool:
+    return nonneg and feeds_relu and not scaled and not self.zero_bias
+
   def propagate(self, m, relevance):
     b = m.bias(self.zero_bias)
     gm, eps = self.gamma, self.epsilon
     zlin = m.linear_out
     zmask = zlin + b
-    if m.nonneg and m.feeds_relu and m.s is None and not self.zero_bias:
+    if self._relu_fast_path(m.nonneg, m.feeds_relu, m.s is not None):
       # R = 0 where z <= 0, so s_d = 0 and only W_u = W + gamma W+ is needed: one forward, one transpose.
       zu = zmask + gm * (m.F("P", m.x) + _pos(b))
       su = jnp.where(zmask > 0, relevance / stabilize(zu, eps), 0)
