@@ -180,9 +180,18 @@ class AlphaBeta(Rule):
   def propagate(self, m, relevance):
     b = m.bias(self.zero_bias)
     a, bt, eps = self.alpha, self.beta, self.epsilon
+    if m.nonneg and m.feeds_relu and not self.zero_bias:
+      # R = 0 where z <= 0. Where z > 0, z_a = W+ x + b+ exceeds |W- x|, so W+ x = W x - W- x (W x = z - b from the
+      # forward) keeps all its digits: one modified forward instead of two. W- x itself is computed directly:
+      # as W x - W+ x it would lose the digits z_b is made of wherever W+ x dominates (float32 cancellation).
+      zb_lin = m.F("N", m.x)
+      za = (m.linear_out - zb_lin) + _pos(b)
+      zb = zb_lin + _neg(b)
+      ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
+      return a * m.T("P", ca) - bt * m.T("N", cb)
     if m.nonneg:
-      # W- x is computed directly, not as W x - W+ x: where W+ x dominates, the difference loses the digits
-      # that z_b is made of (float32 cancellation), and the beta part of the relevance is scaled by them.
+      # Both modified forwards directly: the output may be signed (before a residual add), and either
+      # difference could cancel.
       za = m.F("P", m.x) + _pos(b)
       zb = m.F("N", m.x) + _neg(b)
       ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
@@ -224,15 +233,12 @@ class Gamma(Rule):
   epsilon: Any = 1e-6
   zero_params: tuple = ()
 
-  def _relu_fast_path(self, nonneg, feeds_relu, scaled) -> bool:
-    return nonneg and feeds_relu and not scaled and not self.zero_bias
-
   def propagate(self, m, relevance):
     b = m.bias(self.zero_bias)
     gm, eps = self.gamma, self.epsilon
     zlin = m.linear_out
     zmask = zlin + b
-    if self._relu_fast_path(m.nonneg, m.feeds_relu, m.s is not None):
+    if m.nonneg and m.feeds_relu and m.s is None and not self.zero_bias:
       # R = 0 where z <= 0, so s_d = 0 and only W_u = W + gamma W+ is needed: one forward, one transpose.
       zu = zmask + gm * (m.F("P", m.x) + _pos(b))
       su = jnp.where(zmask > 0, relevance / stabilize(zu, eps), 0)
