@@ -12,6 +12,11 @@ Run from the repository root, after ``pip install safetensors tokenizers`` and
     python examples/minilm.py                                      # two built-in sentences
     python examples/minilm.py "A man is playing a guitar." "Someone plays an instrument."
     python examples/minilm.py A B --out out/minilm.txt             # also write the table to a file
+    python examples/minilm.py --readme                             # also refresh docs/images/minilm_tokens.png
+
+Besides printing the table, it writes the token heatmap of both sentences as HTML (``--html``, default
+``out/minilm.html``; open it in a browser, hover a token for its relevance) and as a PNG (``--png``, default
+``out/minilm_tokens.png``): red tokens raise the similarity, blue ones lower it, both sentences on one colour scale.
 
 What is explained. The explained input is the **embedding sum** ``word + position + token type embeddings``
 (before the embedding LayerNorm, the output of :func:`input_embeddings`), one vector per token. The explained
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -37,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlrp
+from jaxlrp import image
 
 NUM_LAYERS = 6
 HIDDEN = 384
@@ -45,6 +52,7 @@ HEAD_DIM = HIDDEN // HEADS
 LN_EPS = 1e-12
 MAX_LEN = 128  # the padding/truncation length switched on in the package's tokenizer.json
 
+README_IMAGE = Path("docs/images/minilm_tokens.png")
 DEFAULT_SENTENCES = ("A man is playing a guitar on the stage.", "Someone performs music with an instrument.")
 
 
@@ -214,10 +222,24 @@ def _table(tokens, mask, token_relevance) -> list[str]:
     return lines
 
 
+def heatmaps(tokens, masks, per_token, labels=("A", "B"), merge_subwords=False) -> list[image.TextHeatmap]:
+    """One text heatmap per sentence (padding dropped), on the colour scale of the largest |R| of both."""
+    kept = [([t for t, m in zip(toks, mask) if m], r[np.asarray(mask, bool)])
+            for toks, mask, r in zip(tokens, masks, per_token)]
+    shown = [image.text_heatmap(t, r, merge_subwords=merge_subwords) for t, r in kept]  # (merged) values
+    vmax = max(float(np.abs(h.relevance).max()) for h in shown)
+    return [image.text_heatmap(t, r, vmax=vmax, label=label, merge_subwords=merge_subwords)
+            for (t, r), label in zip(kept, labels)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sentences", nargs="*", help="two sentences (default: a built-in pair)")
     parser.add_argument("--out", type=Path, help="also write the table to this text file")
+    parser.add_argument("--html", type=Path, default=Path("out/minilm.html"), help="where to write the HTML heatmap")
+    parser.add_argument("--png", type=Path, default=Path("out/minilm_tokens.png"), help="where to write the PNG")
+    parser.add_argument("--merge-subwords", action="store_true", help="show words (WordPiece pieces summed)")
+    parser.add_argument("--readme", action="store_true", help=f"also copy the PNG to {README_IMAGE}")
     args = parser.parse_args(argv)
     sentences = args.sentences or list(DEFAULT_SENTENCES)
     if len(sentences) != 2:
@@ -240,6 +262,17 @@ def main(argv=None):
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+
+    rows = heatmaps(tok["tokens"], tok["attention_mask"], per_token, merge_subwords=args.merge_subwords)
+    title = f"all-MiniLM-L6-v2, AttnLRP: cosine similarity {float(score[0]):.3f}"
+    print(f"wrote {image.save_html(rows, args.html, title=title)}")
+    png = image.save_png(image.render_text(rows, width=760, fontsize=18), args.png)
+    print(f"wrote {png}")
+    if args.readme:
+        README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, README_IMAGE)
+        print(f"wrote {README_IMAGE}")
+    return {"score": float(score[0]), "relevance": per_token, "heatmaps": rows}
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@
     relevance = jax.grad(lambda x: g(x)[0, target])(x)
 """
 
-from jaxlrp._attribute import Attribution, RuleRow, attribute, show_rules
+from jaxlrp._attribute import Attribution, RuleRow, attribute, normalize, show_rules
+from jaxlrp._attributors import GradientXInput, IntegratedGradients, SmoothGrad, VanillaGradient
+from jaxlrp._concepts import ConceptRelevance, conditional_relevance, relevance_maximization
 from jaxlrp._composites import (
     AttnLRP, Composite, CPLRP, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, First,
     Kind, Last, Name, OpInfo, Path, Where,
 )
-from jaxlrp._core import lrp
+from jaxlrp._core import lrp, lrp_vjp
+from jaxlrp._dataset import attribute_dataset
 from jaxlrp._errors import LRPError, RulePlacementError, SelectorError, UnsupportedOpError
 from jaxlrp._rules import (
     AlphaBeta, ConstantStd, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, SignalTakeAll, Uniform, WSquare, ZBox,

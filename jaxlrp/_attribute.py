@@ -1,4 +1,5 @@
-"""`attribute` (explain class scores, compiled once per program) and `show_rules` (the assignment table)."""
+"""`attribute` (explain chosen outputs with LRP or a gradient method, compiled once per program), `normalize`
+(scale relevance maps for display and comparison) and `show_rules` (the assignment table)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlrp import _jax
+from jaxlrp._attributors import Attributor
 from jaxlrp._composites import Composite
 from jaxlrp._core import _walk, lrp, plan
+from jaxlrp._rules import Rule
 
-__all__ = ["Attribution", "attribute", "RuleRow", "show_rules"]
+__all__ = ["Attribution", "attribute", "normalize", "RuleRow", "show_rules"]
 
 
 @jax.tree_util.register_dataclass
@@ -23,49 +26,171 @@ class Attribution:
   """The result of `attribute`.
 
   Attributes:
-    relevance: relevance of the explained input, same shape and dtype; sample b sums to its score minus what
-      biases and stabilisers absorb.
-    output: the model output `f(x)`, shape `[B, C]`.
-    target: the explained class of each sample, shape `[B]`.
+    relevance: the attribution of the explained input. With one target per sample it has the shape and dtype of
+      `x` (`[B, ...]`). With K targets per sample (`target` of shape `[B, K]`, `"all"`, K masks, or a callable
+      returning `[B, K]`) it is `[B, K, ...]`: `relevance[:, k]` explains the k-th target of each sample.
+      For LRP, sample b's map sums to its explained score minus what biases and stabilisers absorb.
+    output: the model output `f(x)`.
+    target: what was explained: the class indices (`[B]` or `[B, K]`; `"all"` gives `arange(C)` broadcast to
+      `[B, C]`), the mask for a mask target, `None` for a callable target.
+    score: the explained score of each sample, `[B]`, or of each sample and target, `[B, K]`: `f(x)[b, t]`, the
+      masked sum, or the callable's value.
   """
 
   relevance: Any
   output: Any
   target: Any
+  score: Any = None
 
 
-def _check_target(target, out_shape):
-  if len(out_shape) != 2:
-    raise ValueError(f"attribute expects f(x) of shape [batch, classes]; got an output of shape {out_shape}. "
-                     f"For other outputs use jax.vjp(jaxlrp.lrp(f, composite), x) with your own cotangent.")
-  shape = np.shape(target)
-  if shape not in ((), (out_shape[0],)):
-    raise ValueError(f"target must be an int or one int per sample (shape ({out_shape[0]},)); got shape {shape} "
-                     f"for an output of shape {out_shape}.")
-  if not np.issubdtype(np.asarray(target).dtype if not hasattr(target, "dtype") else target.dtype, np.integer):
-    raise TypeError(f"target must hold integer class indices; got dtype "
-                    f"{getattr(target, 'dtype', type(target).__name__)}.")
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """How a `target` argument seeds the backward pass. The static part (`kind`, `multi`, the traced score program)
+  is part of the compiled function; the data (indices, mask, the score program's constants) is an argument."""
+
+  kind: str  # "index" | "all" | "mask" | "fn"
+  multi: bool  # K targets per sample: the cotangents get a leading K axis, the relevance a K axis at position 1
+  fn: Any = None  # kind "fn": the Jaxpr of the score callable
+
+  def key(self):
+    return self.kind, self.multi, None if self.fn is None else str(self.fn)
+
+  def _score_fn(self, consts):
+    flat = _jax.jaxpr_as_fun(self.fn, consts)
+    return lambda out: flat(out)[0]
+
+  def cotangent(self, out, data):
+    """The output cotangent: `out.shape`, or `[K, *out.shape]` for K targets."""
+    if self.kind == "index":
+      if self.multi:
+        return jnp.moveaxis(jax.nn.one_hot(data, out.shape[1], dtype=out.dtype), 1, 0)
+      return jax.nn.one_hot(jnp.broadcast_to(data, out.shape[:1]), out.shape[1], dtype=out.dtype)
+    if self.kind == "all":
+      c = out.shape[1]
+      return jnp.broadcast_to(jnp.eye(c, dtype=out.dtype)[:, None, :], (c, *out.shape))
+    if self.kind == "mask":
+      mask = data.astype(out.dtype)
+      return jnp.moveaxis(mask, 1, 0) if self.multi else mask
+    # A score s(out): the cotangent is ds/dout (one backward through s per target).
+    score, score_vjp = jax.vjp(self._score_fn(data), out)
+    if self.multi:
+      k = score.shape[1]
+      seeds = jnp.broadcast_to(jnp.eye(k, dtype=score.dtype)[:, None, :], (k, *score.shape))
+      return jax.vmap(score_vjp)(seeds)[0]
+    return score_vjp(jnp.ones_like(score))[0]
+
+  def score(self, out, data):
+    if self.kind == "index":
+      idx = data if self.multi else jnp.broadcast_to(data, out.shape[:1])[:, None]
+      picked = jnp.take_along_axis(out, idx, axis=1)
+      return picked if self.multi else picked[:, 0]
+    if self.kind == "all":
+      return out
+    if self.kind == "mask":
+      mask = data.astype(out.dtype)
+      prod = out[:, None] * mask if self.multi else out * mask
+      return prod.sum(axis=tuple(range(2 if self.multi else 1, prod.ndim)))
+    return self._score_fn(data)(out)
+
+  def record(self, out, data):
+    if self.kind == "index":
+      return data if self.multi else jnp.broadcast_to(data, out.shape[:1])
+    if self.kind == "all":
+      return jnp.broadcast_to(jnp.arange(out.shape[1]), out.shape)
+    return data if self.kind == "mask" else None
 
 
-def _attribution_impl(jaxpr, strict, has_params, consts, params, x, target, composite):
+def _shape_dtype(target):
+  if hasattr(target, "shape") and hasattr(target, "dtype"):
+    return tuple(target.shape), np.dtype(target.dtype)
+  arr = np.asarray(target)
+  return arr.shape, arr.dtype
+
+
+def _prepare_target(target, out_aval) -> tuple[_Target, Any]:
+  """Checks `target` against the output (shapes and dtypes only: no host round trip) and splits it into the
+  static `_Target` and its data."""
+  shape = tuple(out_aval.shape)
+  batch = shape[0] if shape else None
+  classes_hint = ("For other outputs pass a mask of the output's shape or a callable target, or use "
+                  "jax.vjp(jaxlrp.lrp(f, composite), x) with your own cotangent.")
+  if isinstance(target, str):
+    if target != "all":
+      raise ValueError(f'target must be an int, an int array [B] or [B, K], "all", a mask or a callable; '
+                       f'got the string {target!r}.')
+    if len(shape) != 2:
+      raise ValueError(f'target="all" needs f(x) of shape [batch, classes]; got an output of shape {shape}. '
+                       + classes_hint)
+    return _Target("all", True), None
+  if callable(target):
+    try:
+      closed = jax.make_jaxpr(target)(jax.ShapeDtypeStruct(shape, out_aval.dtype))
+    except Exception as e:  # noqa: BLE001 - re-raised with what the callable receives
+      raise ValueError(f"target callable failed on the model output (shape {shape}, dtype {out_aval.dtype}): "
+                       f"{type(e).__name__}: {e}") from e
+    outs = closed.out_avals
+    if len(outs) != 1 or not outs[0].shape or outs[0].shape[0] != batch or len(outs[0].shape) > 2 \
+        or not jnp.issubdtype(outs[0].dtype, jnp.floating):
+      got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in outs)
+      raise ValueError(f"a target callable must map the output (shape {shape}) to one floating score per sample, "
+                       f"shape ({batch},), or K scores per sample, shape ({batch}, K); it returned {got}.")
+    return _Target("fn", len(outs[0].shape) == 2, closed.jaxpr), list(closed.consts)
+  tshape, dtype = _shape_dtype(target)
+  if np.issubdtype(dtype, np.integer):
+    if len(shape) != 2:
+      raise ValueError(f"integer targets index the classes of f(x) of shape [batch, classes]; got an output of "
+                       f"shape {shape}. " + classes_hint)
+    if tshape not in ((), (batch,)) and not (len(tshape) == 2 and tshape[0] == batch):
+      raise ValueError(f"target must be an int or one int per sample (shape ({batch},)), or K ints per sample "
+                       f"(shape ({batch}, K)); got shape {tshape} for an output of shape {shape}.")
+    if not isinstance(target, jax.Array):  # host values are checked here; device arrays are not read back
+      arr = np.asarray(target)
+      if arr.size and (arr.min() < 0 or arr.max() >= shape[1]):
+        raise ValueError(f"target class indices must lie in [0, {shape[1]}); got values from {arr.min()} to "
+                         f"{arr.max()}.")
+    return _Target("index", len(tshape) == 2), jnp.asarray(target)
+  if dtype == np.bool_ or np.issubdtype(dtype, np.floating):
+    if tshape == shape:
+      return _Target("mask", False), jnp.asarray(target)
+    if len(tshape) == len(shape) + 1 and tshape[0] == batch and tshape[2:] == shape[1:]:
+      return _Target("mask", True), jnp.asarray(target)
+    raise TypeError(f"target must hold integer class indices, or be a mask (boolean or float) of the output's "
+                    f"shape {shape} (or K masks, shape ({batch}, K, {', '.join(map(str, shape[1:]))})); got "
+                    f"dtype {dtype} and shape {tshape}.")
+  raise TypeError(f"target must hold integer class indices or be a boolean/float mask; got dtype {dtype}.")
+
+
+def _attribution_impl(jaxpr, strict, has_params, spec, chunk, consts, params, x, target, method):
   flat_fn = _jax.jaxpr_as_fun(jaxpr, consts)
   f = lambda *args: flat_fn(*jax.tree_util.tree_leaves(args))[0]  # noqa: E731 - f's one output
-  g = lrp(f, composite, argnums=1 if has_params else 0, strict=strict)
-  args = (params, x) if has_params else (x,)
-  out, vjp = jax.vjp(lambda xx: g(*args[:-1], xx), x)
-  onehot = jax.nn.one_hot(jnp.broadcast_to(target, out.shape[:1]), out.shape[1], dtype=out.dtype)
-  (relevance,) = vjp(onehot)
-  return Attribution(relevance, out, jnp.broadcast_to(target, out.shape[:1]))
+  is_lrp = isinstance(method, Composite)
+  model = lrp(f, method, argnums=1 if has_params else 0, strict=strict) if is_lrp else f
+  forward = (lambda xx: model(params, xx)) if has_params else model
+
+  def pullback(xx):
+    # One forward; the K cotangents share it (vmap of the VJP function, not of the forward).
+    out, vjp = jax.vjp(forward, xx)
+    cot = spec.cotangent(out, target)
+    if not spec.multi:
+      return out, vjp(cot)[0]
+    if chunk is None or chunk >= cot.shape[0]:
+      return out, jax.vmap(vjp)(cot)[0]
+    return out, jax.lax.map(lambda c: vjp(c)[0], cot, batch_size=chunk)
+
+  out, relevance = pullback(x) if is_lrp else method.explain(forward, pullback, x)
+  if spec.multi:
+    relevance = jnp.moveaxis(relevance, 0, 1)
+  return Attribution(relevance, out, spec.record(out, target), spec.score(out, target))
 
 
 _compiled: collections.OrderedDict = collections.OrderedDict()
 
 
-def _compiled_for(key, jaxpr, strict, has_params):
+def _compiled_for(key, jaxpr, strict, has_params, spec, chunk):
   fn = _compiled.get(key)
   if fn is None:
-    fn = jax.jit(lambda consts, params, x, target, composite: _attribution_impl(
-        jaxpr, strict, has_params, consts, params, x, target, composite))
+    fn = jax.jit(lambda consts, params, x, target, method: _attribution_impl(
+        jaxpr, strict, has_params, spec, chunk, consts, params, x, target, method))
     _compiled[key] = fn
     while len(_compiled) > 32:
       _compiled.popitem(last=False)
@@ -73,25 +198,68 @@ def _compiled_for(key, jaxpr, strict, has_params):
   return fn
 
 
-def attribute(f: Callable, x, composite: Composite, *, target, params=None, strict: bool = True) -> Attribution:
-  """Explains the class scores `f(x)[b, target_b]` with the composite's LRP rules.
+def _check_method(method) -> None:
+  if isinstance(method, (Composite, Attributor)):
+    return
+  if isinstance(method, Rule):
+    hint = (" jaxlrp.Gradient is the LRP rule for single ops; the plain-gradient attribution is "
+            "jaxlrp.VanillaGradient()." if type(method).__name__ == "Gradient" else "")
+    raise TypeError(f"attribute needs a jaxlrp.Composite or an attributor, not the rule {method!r}.{hint} To apply "
+                    f"a rule to every layer wrap it: jaxlrp.Composite(('linear', {method!r})).")
+  raise TypeError(f"attribute needs a jaxlrp.Composite (e.g. jaxlrp.EpsilonPlusFlat()) or an attributor "
+                  f"(jaxlrp.VanillaGradient(), GradientXInput(), SmoothGrad(), IntegratedGradients()); got {method!r}.")
 
-  Sample b starts from relevance equal to its score (all rules are linear in this seed). The program is traced
-  once per call, and compiled once per distinct program: constants `f` closes over are passed to the compiled
-  function as arguments rather than embedded (compiling large closed-over weights is slow), and the composite's
-  hyperparameters are arguments too. Works under `jax.jit` and `jax.vmap` (no host round trips).
+
+def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=None, strict: bool = True,
+              target_batch_size: int | None = None) -> Attribution:
+  """Explains chosen outputs of `f(x)` with LRP (a `Composite`) or a gradient-based attributor.
+
+  `method` is a `jaxlrp.Composite` (LRP with its rules) or one of `jaxlrp.VanillaGradient()`,
+  `jaxlrp.GradientXInput()`, `jaxlrp.SmoothGrad(...)`, `jaxlrp.IntegratedGradients(...)`: the same call compares
+  methods on the same targets.
+
+  Targets. Each target defines a score per sample, and the output cotangent of the backward pass is the gradient
+  of that score with respect to the output, `c = ds/dout`:
+
+  - an int `t`, or an int array `[B]` (one class per sample): `s_b = f(x)[b, t_b]`, `c` one-hot;
+  - an int array `[B, K]`: K classes per sample, all in one compiled call (one forward pass; the backward pass is
+    vmapped over the K one-hot cotangents); the relevance gets a K axis, `[B, K, ...]`;
+  - `"all"`: every class, `[B, C, ...]` (K = C);
+  - a boolean or float mask of the output's shape: the masked sum `s_b = sum_j mask[b, j] * f(x)[b, j]`, `c = mask`
+    (e.g. a region of a segmentation output); K masks `[B, K, *out.shape[1:]]` give a K axis;
+  - a callable `score(out)` returning one score per sample `[B]` (or K scores, `[B, K]`), e.g.
+    `lambda out: out[:, 3] - out[:, 5]` (a contrast) or `lambda out: out @ ref` (a similarity to a reference
+    direction); `c = ds/dout`, evaluated at `out`. Score b must depend on `out[b]` only.
+
+  The gradient-based attributors explain the score itself (their gradient is `ds/dx`, evaluated along the noise or
+  path for SmoothGrad and Integrated Gradients). LRP propagates in gradient form (the relevance of a value `v` is
+  `v` times its cotangent), so it starts from the output relevance `out * c`. For the index and mask targets, and
+  any callable linear in `out` (a contrast, a dot product with a fixed vector), this sums to the score. In general
+  it sums to `sum_j out_j ds/dout_j`, which equals `s` only for scores homogeneous of degree one in `out`: for a
+  score that ignores the scale of `out` (cosine similarity) the total is zero. To explain a similarity to `ref`,
+  use `lambda out: out @ (ref / jnp.linalg.norm(ref))` rather than the cosine.
+
+  Compilation: the program is traced once per call, and compiled once per distinct program and target kind:
+  constants `f` closes over are passed to the compiled function as arguments rather than embedded (compiling large
+  closed-over weights is slow); the composite's and the attributor's hyperparameters, the target indices, mask and
+  the constants of a target callable are arguments too. Works under `jax.jit` and `jax.vmap` (no host round
+  trips); integer targets given as host values (ints, lists, NumPy) are range-checked, device arrays are not (an
+  index out of range explains nothing: zero relevance).
 
   Args:
     f: the model, `f(x)` or, when `params` is given, `f(params, x)` (e.g. a linen `model.apply`). Passing
-      `params` lets `jaxlrp.Path` selectors see parameter paths.
+      `params` lets `jaxlrp.Path` selectors see parameter paths. One output array, `[B, C]` for class targets.
     x: the input batch, `[B, ...]`, floating point.
-    composite: a `jaxlrp.Composite`.
-    target: an int, or integer array `[B]` with one class per sample.
+    method: a `jaxlrp.Composite` or an attributor.
+    target: an int, an int array `[B]` or `[B, K]`, `"all"`, a mask, or a callable, as above.
     params: optional parameters, passed as `f`'s first argument.
-    strict: see `jaxlrp.lrp`.
+    strict: see `jaxlrp.lrp` (LRP only).
+    target_batch_size: with K targets, run the backward pass for at most this many of them at a time
+      (`jax.lax.map`), to bound memory: all K at once cost about K single-target backward passes' memory (e.g.
+      `"all"` with 1000 classes). `None`: all K in one vmapped pass (fastest).
 
   Returns:
-    An `Attribution(relevance, output, target)`.
+    An `Attribution(relevance, output, target, score)`; `relevance` is `[B, ...]`, or `[B, K, ...]` for K targets.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxlrp
@@ -101,20 +269,84 @@ def attribute(f: Callable, x, composite: Composite, *, target, params=None, stri
     Array([[ 3. , -0.5]], dtype=float32)
     >>> res.relevance  # sums to the score 3
     Array([[0.9999997, 1.9999994]], dtype=float32)
+    >>> jaxlrp.attribute(lambda x: x @ w, jnp.ones((1, 2)), jaxlrp.EpsilonPlus(), target="all").relevance.shape
+    (1, 2, 2)
+    >>> contrast = jaxlrp.attribute(lambda x: x @ w, jnp.ones((1, 2)), jaxlrp.GradientXInput(),
+    ...                             target=lambda out: out[:, 0] - out[:, 1])
+    >>> contrast.relevance, contrast.score
+    (Array([[2. , 1.5]], dtype=float32), Array([3.5], dtype=float32))
   """
-  if not isinstance(composite, Composite):
-    raise TypeError(f"attribute needs a jaxlrp.Composite (e.g. jaxlrp.EpsilonPlusFlat()); got {composite!r}.")
+  _check_method(method)
   has_params = params is not None
   args = (params, x) if has_params else (x,)
+  if not isinstance(method, Composite) and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise TypeError(f"attribute explains a floating-point input; got x of dtype {jnp.result_type(x)}. Gradient "
+                    f"methods cannot differentiate integers: explain an embedding or a float cast inside f.")
+  if isinstance(method, Attributor):
+    method.check(x)
   closed, _ = _jax.make_jaxpr(f, *args)
   out_avals = closed.out_avals
   if len(out_avals) != 1:
-    raise ValueError(f"attribute expects f to return one array [batch, classes]; it returns {len(out_avals)} "
-                     f"arrays. Wrap f to select the output to explain.")
-  _check_target(target, tuple(out_avals[0].shape))
-  key = (str(closed.jaxpr), strict, has_params)
-  fn = _compiled_for(key, closed.jaxpr, strict, has_params)
-  return fn(list(closed.consts), params, x, jnp.asarray(target), composite)
+    raise ValueError(f"attribute expects f to return one array; it returns {len(out_avals)} arrays. Wrap f to "
+                     f"select the output to explain.")
+  spec, data = _prepare_target(target, out_avals[0])
+  if target_batch_size is not None and (not isinstance(target_batch_size, int) or isinstance(target_batch_size, bool)
+                                        or target_batch_size < 1):
+    raise ValueError(f"target_batch_size must be None or an int >= 1; got {target_batch_size!r}.")
+  key = (str(closed.jaxpr), strict, has_params, spec.key(), target_batch_size)
+  fn = _compiled_for(key, closed.jaxpr, strict, has_params, spec, target_batch_size)
+  return fn(list(closed.consts), params, x, data, method)
+
+
+_NORMALIZATIONS = ("sum", "abs_sum", "max_abs")
+
+
+def normalize(relevance, method: str = "max_abs", *, batch_dims: int = 1):
+  """Scales each relevance map by its sum, its sum of absolute values, or its largest absolute value.
+
+  - `"sum"`: each map sums to 1 (divides by the signed total, e.g. the explained score under LRP). Where positive
+    and negative relevance nearly cancel the total is small and the result large: prefer `"abs_sum"` to compare maps.
+  - `"abs_sum"`: the absolute values of each map sum to 1 (L1 normalisation; signs kept).
+  - `"max_abs"`: the largest absolute value of each map is 1, values in [-1, 1] (for a colour map centred at zero).
+
+  A map whose divisor is 0 (all zero) stays 0. Low-precision inputs are scaled in float32 and cast back.
+
+  Args:
+    relevance: an array `[B, ...]` (or `[B, K, ...]`, from K targets).
+    method: "sum", "abs_sum" or "max_abs".
+    batch_dims: how many leading axes index separate maps: 1 for `[B, ...]` (per sample), 2 for `[B, K, ...]`
+      (per sample and target), 0 to scale the whole array as one map.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxlrp
+    >>> r = jnp.array([[1.0, 3.0], [2.0, -1.0]])
+    >>> jaxlrp.normalize(r, "sum")
+    Array([[ 0.25,  0.75],
+           [ 2.  , -1.  ]], dtype=float32)
+    >>> jaxlrp.normalize(r, "max_abs", batch_dims=0)
+    Array([[ 0.33333334,  1.        ],
+           [ 0.6666667 , -0.33333334]], dtype=float32)
+  """
+  if method not in _NORMALIZATIONS:
+    raise ValueError(f"normalize: method must be one of {_NORMALIZATIONS}; got {method!r}.")
+  relevance = jnp.asarray(relevance)
+  if not jnp.issubdtype(relevance.dtype, jnp.floating):
+    raise TypeError(f"normalize expects floating-point relevance; got dtype {relevance.dtype}.")
+  if not isinstance(batch_dims, int) or isinstance(batch_dims, bool) or not 0 <= batch_dims < max(relevance.ndim, 1):
+    raise ValueError(f"normalize: batch_dims must be an int in [0, {relevance.ndim}) for relevance of shape "
+                     f"{relevance.shape}; got {batch_dims!r}.")
+  if relevance.size == 0:
+    return relevance
+  r = relevance.astype(jnp.promote_types(relevance.dtype, jnp.float32))
+  axes = tuple(range(batch_dims, r.ndim))
+  if method == "sum":
+    divisor = r.sum(axis=axes, keepdims=True)
+  elif method == "abs_sum":
+    divisor = jnp.abs(r).sum(axis=axes, keepdims=True)
+  else:
+    divisor = jnp.abs(r).max(axis=axes, keepdims=True)
+  zero = divisor == 0
+  return jnp.where(zero, 0, r / jnp.where(zero, 1, divisor)).astype(relevance.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

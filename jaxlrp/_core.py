@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import types
 from typing import Any, Callable, Sequence
 
 import jax
@@ -15,7 +17,7 @@ from jaxlrp._composites import Composite, OpInfo
 from jaxlrp._errors import RulePlacementError, UnsupportedOpError
 from jaxlrp._graph import Analysis, Unit, analyse
 from jaxlrp._jax import Lit, bind, bind_with
-from jaxlrp._rules import LayerMath, Rule, ZBox, compute_dtype, stabilize
+from jaxlrp._rules import LAYER_KINDS, LayerMath, Rule, ZBox, compute_dtype, stabilize
 
 __all__ = ["lrp", "plan"]
 
@@ -36,6 +38,30 @@ class Plan:
   strict: bool
   leaf_shapes: dict  # explained leaf id -> shape
   children: dict  # scan/cond unit -> plans of its body / branches
+  tapped: frozenset = frozenset()  # ids of intermediate values read out through taps (see `run`)
+  tap_cotangent: bool = False  # taps add `d` (the gradient is the cotangent) instead of `v * d` (the relevance)
+
+  @functools.cached_property
+  def analysis_sets(self) -> Any:
+    """Set/dict views of the analysis' lists, for membership tests while interpreting."""
+    a = self.analysis
+    return types.SimpleNamespace(input_region=set(a.input_region), unsupported=dict(a.unsupported))
+
+  def reads_outside(self, r: _jax.Region) -> set:
+    """Ids that something outside `eqns[r.start:r.stop]` reads (equations, outputs, ReLUs absorbed by layers)."""
+    cache = self.__dict__.setdefault("_reads_outside", {})
+    if r not in cache:
+      eqns = self.program.eqns
+      reads = {x for i, e in enumerate(eqns) if not r.start <= i < r.stop for x in e.ins if isinstance(x, int)}
+      reads.update(x for x in self.program.outvars if isinstance(x, int))
+      index = {e: i for i, e in enumerate(eqns)}
+      for unit in self.analysis.units:
+        if unit.kind in LAYER_KINDS and not r.start <= index[unit.eqns[0]] < r.stop:
+          relu = _relu_before(self, unit)
+          if relu is not None:
+            reads.add(relu.data_ins[0])
+      cache[r] = reads
+    return cache[r]
 
 
 # ---- planning -----------------------------------------------------------------------------------------------------
@@ -322,7 +348,7 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
     # ReLU would run during the forward pass, or be merged with the forward's own ReLU, and be held until the
     # backward reaches this layer (one more activation per layer). A zero taken from the cotangent makes them
     # wait for it.
-    after_g = jnp.zeros((), cd) * g.reshape(-1)[0].astype(cd)
+    after_g = _zero_after(jax.lax.stop_gradient(g.reshape(-1)[0].astype(cd)))
     x = layer_input(u + after_g.astype(u.dtype)) if relu is not None else u
     env = dict(zip(const_ids, consts))
     lin = _lin_fn(unit, env, cd)
@@ -342,6 +368,19 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
 
   op.defvjp(fwd, bwd)
   return op
+
+
+@jax.custom_batching.custom_vmap
+def _zero_after(v):
+  """`0 * v`: a zero that XLA cannot compute before `v` exists (see `_layer_op`'s backward)."""
+  return jnp.zeros((), v.dtype) * v
+
+
+@_zero_after.def_vmap
+def _zero_after_vmap(axis_size, in_batched, v):
+  # Unbatched under vmap (e.g. many targets per call: vmapped cotangents): a batched zero would batch the weights
+  # it is added to, and every modified forward and transpose would run once per target.
+  return _zero_after(v[0] if in_batched[0] else v), False
 
 
 @jax.custom_vjp
@@ -496,39 +535,84 @@ def _bounds(p: Plan, unit: Unit, rule: ZBox, env: dict):
   dtype = p.program.avals[root].dtype
   mapped = []
   for bound in (rule.low, rule.high):
-    local = dict(env)
+    local = collections.ChainMap({}, env)
     local[root] = jnp.broadcast_to(jnp.asarray(bound, dtype), p.leaf_shapes[root])
     mapped.append(_replay(chain, local)[target])
   return jnp.minimum(*mapped), jnp.maximum(*mapped)
 
 
-def run(p: Plan, flat_args: Sequence) -> list:
-  """Evaluates the planned program on `flat_args` with rule ops bound in place of the recognised units."""
+def run(p: Plan, flat_args: Sequence, taps: dict | None = None, outputs: Sequence | None = None) -> list:
+  """Evaluates the planned program on `flat_args` with rule ops bound in place of the recognised units.
+
+  `taps` maps ids of `p.tapped` to zero arrays `d`: the value `v` continues as `v + v * d` (the same numbers), so
+  the gradient with respect to `d` is `v` times the cotangent at `v`: its relevance (with `p.tap_cotangent`,
+  `v + d`: the gradient is the cotangent itself). `outputs` replaces the program's outputs by other ids (the
+  part of the program below an intermediate value).
+  """
   prog, a = p.program, p.analysis
   env: dict = dict(zip(prog.constvars, prog.consts))
   env.update(zip(prog.invars, flat_args))
-  grad_form: dict = {}
-  input_region = set(a.input_region)
-  unsupported = dict(a.unsupported)
+  # Data-independent equations first (parameters, biases, masks), so that every unit can be bound at its first
+  # equation: a unit's other inputs are then all available, whatever order the program computed them in.
+  independent = [e for e in prog.eqns if e in a.live and e not in a.depends_on_data]
+  for e in independent:
+    env.update(zip(e.outs, bind(e, *[x.val if isinstance(x, Lit) else env[x] for x in e.ins])))
+  if taps:
+    env = _Tapped(env, taps, p.tap_cotangent)
+  _interpret(p, 0, len(prog.eqns), env, set(independent), None)
+  return [_reader(p, env)[1](x) for x in (prog.outvars if outputs is None else outputs)]
+
+
+class _Tapped(collections.UserDict):
+  """An environment that applies the relevance taps (`v -> v + v * d`) as the values are written."""
+
+  def __init__(self, env: dict, taps: dict, additive: bool = False):
+    super().__init__()
+    self.data, self.taps, self.additive = env, taps, additive
+
+  def __setitem__(self, key, value):
+    d = self.taps.get(key) if isinstance(key, int) else None
+    if d is not None:
+      d = d.astype(value.dtype)
+      value = value + d if self.additive else value + value * d
+    self.data[key] = value
+
+
+def _reader(p: Plan, env) -> tuple[Callable, Callable]:
+  """`read(x)` and `read_grad(x)` over `env`; `read_grad` converts an input-region value to gradient form once
+  (cached in `env` under `("grad", x)`)."""
 
   def read(x):
     return x.val if isinstance(x, Lit) else env[x]
 
   def read_grad(x):
-    """Reads a value for a gradient-form consumer: input-region values get converted once."""
-    if isinstance(x, int) and x in a.relevance_form:
-      if x not in grad_form:
-        grad_form[x] = _to_gradient_form(env[x])
-      return grad_form[x]
+    if isinstance(x, int) and x in p.analysis.relevance_form:
+      key = ("grad", x)
+      if key not in env:
+        env[key] = _to_gradient_form(env[x])
+      return env[key]
     return read(x)
 
-  # Data-independent equations first (parameters, biases, masks), so that every unit can be bound at its first
-  # equation: a unit's other inputs are then all available, whatever order the program computed them in.
-  independent = [e for e in prog.eqns if e in a.live and e not in a.depends_on_data]
-  for e in independent:
-    env.update(zip(e.outs, bind(e, *[read(x) for x in e.ins])))
-  skip = set(independent)
-  for e in prog.eqns:
+  return read, read_grad
+
+
+def _interpret(p: Plan, lo: int, hi: int, env, skip: set, inside) -> None:
+  """Interprets `eqns[lo:hi]` into `env`; a `jax.checkpoint` region starting here is re-wrapped (see `_region`)."""
+  a, eqns = p.analysis, p.program.eqns
+  read, read_grad = _reader(p, env)
+  starts: dict = {}
+  for r in p.program.regions:  # the outermost regions within [lo, hi), other than the one being interpreted
+    if r is not inside and lo <= r.start and r.stop <= hi and r.stop - r.start > starts.get(r.start, (0, 0))[0]:
+      starts[r.start] = (r.stop - r.start, r)
+  i = lo
+  while i < hi:
+    if i in starts:
+      r = starts[i][1]
+      (env.data if isinstance(env, _Tapped) else env).update(_region(p, r, env, skip))  # tapped inside
+      i = r.stop
+      continue
+    e = eqns[i]
+    i += 1
     if e not in a.live or e in skip:
       continue
     unit = a.unit_of.get(e)
@@ -536,19 +620,34 @@ def run(p: Plan, flat_args: Sequence) -> list:
       if e is unit.eqns[0]:
         env.update(zip(unit.outs, _emit(p, unit, env, read, read_grad)))
       continue
-    if e in input_region:
-      dpos = [i for i, x in enumerate(e.ins) if isinstance(x, int) and x in a.relevance_form]
+    if e in p.analysis_sets.input_region:
+      dpos = [k for k, x in enumerate(e.ins) if isinstance(x, int) and x in a.relevance_form]
       if e.prim_name in ("add", "sub", "mul", "div", "neg"):
-        others = [read(x) for i, x in enumerate(e.ins) if i != dpos[0]]
+        others = [read(x) for k, x in enumerate(e.ins) if k != dpos[0]]
         outs = [_pass_op(e, dpos[0])(read(e.ins[dpos[0]]), others)]
       else:
         outs = bind(e, *[read(x) for x in e.ins])
-    elif e in unsupported and p.strict:
-      outs = _unsupported_op(e, _unsupported_message(e, unsupported[e]))(*[read_grad(x) for x in e.ins])
+    elif e in p.analysis_sets.unsupported and p.strict:
+      reason = p.analysis_sets.unsupported[e]
+      outs = _unsupported_op(e, _unsupported_message(e, reason))(*[read_grad(x) for x in e.ins])
     else:
       outs = bind(e, *[read_grad(x) for x in e.ins])
     env.update(zip(e.outs, outs))
-  return [read_grad(x) for x in prog.outvars]
+
+
+def _region(p: Plan, r: _jax.Region, env, skip: set) -> dict:
+  """Interprets a `jax.checkpoint` body inside `jax.checkpoint` with its policy, so that its rule ops'
+  residuals are recomputed in the backward pass as the model's author asked. Values from outside are closed
+  over; the values later equations need come out."""
+  needed = p.reads_outside(r)
+
+  def body():
+    inner = collections.ChainMap({}, env.data if isinstance(env, _Tapped) else env)
+    local = _Tapped(inner, env.taps, env.additive) if isinstance(env, _Tapped) else inner
+    _interpret(p, r.start, r.stop, local, skip, r)
+    return {k: v for k, v in inner.maps[0].items() if isinstance(k, int) and k in needed}
+
+  return jax.checkpoint(body, policy=r.params["policy"], prevent_cse=r.params["prevent_cse"])()
 
 
 def _emit_control(p: Plan, unit: Unit, read, read_grad) -> list:
@@ -602,14 +701,22 @@ def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   if rule.mode in ("gradient", "pass"):
     return _replay_unit(unit, read, read_grad)
   if rule.mode == "rescale":
-    (z,) = _replay_unit(unit, read, read_grad)
-    t = jnp.zeros((), z.dtype)
     if getattr(rule, "zero_bias", False):
+      (z,) = _replay_unit(unit, read, read_grad)
       cd = compute_dtype(z.dtype)
-      consts = {c: read(c) for c in unit.const_ins}
-      t = _affine(unit, consts, unit.main.out_avals[0].shape, cd)[1]
-    return [_rescale(z, t, rule.epsilon)]
-  relu = None if rule.input_rule else _relu_before(p, unit)
+      t = _affine(unit, {c: read(c) for c in unit.const_ins}, unit.main.out_avals[0].shape, cd)[1]
+      return [_rescale(z, t, rule.epsilon)]
+    # Rescale before trailing reshapes/transposes (attention heads): the cotangent is then scaled in the layer's
+    # own layout, and XLA needs no transposed copy of z.
+    head, tail = _split_shape_tail(unit.eqns)
+    env_ = {d: read_grad(d) for d in unit.data_ins}
+    env_.update({c: read(c) for c in unit.const_ins})
+    _replay(head, env_)
+    mid = head[-1].outs[0]
+    env_[mid] = _rescale(env_[mid], jnp.zeros((), env_[mid].dtype), rule.epsilon)
+    _replay(tail, env_)
+    return [env_[o] for o in unit.outs]
+  relu = _relu_before(p, unit)
   if relu is not None:
     x = read_grad(relu.data_ins[0])
   else:
@@ -620,12 +727,24 @@ def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   return [_layer_op(unit, rule, is_box, relu)(x, consts, jax.tree_util.tree_leaves(rule), bounds)]
 
 
+def _split_shape_tail(eqns: list) -> tuple[list, list]:
+  """`eqns` (a chain) split before its trailing shape-only ops."""
+  k = len(eqns)
+  while k > 1 and eqns[k - 1].prim_name in _SHAPE_OPS and eqns[k - 1].ins[0] == eqns[k - 2].outs[0]:
+    k -= 1
+  return eqns[:k], eqns[k:]
+
+
 def _relu_before(p: Plan, unit: Unit) -> Unit | None:
-  """The ReLU unit (Pass or gradient rule, one data input) whose output is `unit`'s data input, if any."""
+  """The ReLU unit (Pass or gradient rule, one data input) whose output is the data input of `unit`, a layer with
+  a custom-VJP rule (see `_layer_op`), if any."""
+  own = p.rules[unit.index]
+  if own is None or own.mode != "custom" or own.input_rule or unit.kind not in LAYER_KINDS:
+    return None
   e = p.analysis.producer.get(unit.data_ins[0])
   act = p.analysis.unit_of.get(e)
   if (act is None or act.kind != "activation" or not act.relu_only or len(act.data_ins) != 1
-      or act.outs != [unit.data_ins[0]]):
+      or act.outs != [unit.data_ins[0]] or act.outs[0] in p.tapped):
     return None
   rule = p.rules[act.index]
   return act if rule is not None and rule.mode in ("pass", "gradient") else None
@@ -698,3 +817,72 @@ def lrp(f: Callable, composite: Composite, *, argnums: int | Sequence[int] = 0, 
     return jax.tree_util.tree_unflatten(p.out_tree, run(p, flat))
 
   return transformed
+
+
+def select_layers(p: Plan, layers: dict) -> dict:
+  """`{label: selector}` -> `{label: unit}`; each selector must match exactly one op of the top-level program."""
+  from jaxlrp._composites import as_selector
+
+  if not isinstance(layers, dict) or not layers:
+    raise TypeError(f"layers must be a non-empty dict {{label: selector}}, e.g. {{'block1': jaxlrp.Path('*Conv_1*')}}; "
+                    f"got {layers!r}.")
+  found = {}
+  for label, sel in layers.items():
+    selector = as_selector(sel)
+    hits = [p.analysis.units[op.index] for op in p.ops if selector(op)]
+    if len(hits) != 1:
+      listing = "\n".join(f"  {op.kind} at {_where(op)}" for op in p.ops if op.kind not in ("scan", "cond"))
+      what = "matches no op" if not hits else f"matches {len(hits)} ops"
+      raise ValueError(f"The layer selector {label!r}: {selector!r} {what} of the top-level program; it must match "
+                       f"exactly one (combine selectors with &, or use Path / Name). Ops found:\n{listing}")
+    found[label] = hits[0]
+  return found
+
+
+def lrp_vjp(f: Callable, composite: Composite, *args, argnums: int | Sequence[int] = 0, layers: dict | None = None,
+            strict: bool = True):
+  r"""Like `jax.vjp` of `lrp(f, composite)`, also reading out the relevance of intermediate values.
+
+  Returns `(out, vjp_fn)`; `vjp_fn(cotangent)` gives `(relevance, layer_relevance)`: the relevance of
+  `args[argnums]` (as `jax.vjp` would return it for those arguments, a tuple when `argnums` is a tuple) and a dict
+  `{label: relevance of the output of that layer}` for `layers={label: selector}` (each selector must match
+  one recognised op; a layer's output is its value after the folded epilogue, e.g. after BatchNorm, before the
+  activation; the Pass rule of the activation makes that the relevance of the activation too). Everything comes
+  from one forward and one backward pass.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxlrp
+    >>> def f(params, x):
+    ...   h = jax.nn.relu(x @ params["w1"])
+    ...   return h @ params["w2"]
+    >>> params = {"w1": jnp.array([[1.0, -1.0], [2.0, 1.0]]), "w2": jnp.array([[1.0], [1.0]])}
+    >>> x = jnp.array([[1.0, 1.0]])
+    >>> comp = jaxlrp.Composite(("dense", jaxlrp.Zero()))
+    >>> out, vjp = jaxlrp.lrp_vjp(f, comp, params, x, argnums=1, layers={"hidden": jaxlrp.Path("w1")})
+    >>> r_x, r_layers = vjp(jnp.ones_like(out))
+    >>> r_layers["hidden"].tolist(), r_x.tolist()  # the score 3 at every layer
+    ([[3.0, 0.0]], [[1.0, 2.0]])
+  """
+  if not isinstance(composite, Composite):
+    raise TypeError(f"lrp_vjp needs a jaxlrp.Composite (e.g. jaxlrp.EpsilonPlusFlat()); got {composite!r}.")
+  p = plan(f, composite, args, argnums, strict)
+  units = select_layers(p, layers) if layers is not None else {}
+  p.tapped = frozenset(u.outs[0] for u in units.values())
+  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  nums = tuple(i % len(args) for i in nums)
+
+  def g(explained, deltas):
+    full = list(args)
+    for i, a in zip(nums, explained):
+      full[i] = a
+    taps = {units[k].outs[0]: d for k, d in deltas.items()}
+    return jax.tree_util.tree_unflatten(p.out_tree, run(p, jax.tree_util.tree_leaves(full), taps))
+
+  zeros = {k: jnp.zeros(p.program.avals[u.outs[0]].shape, p.program.avals[u.outs[0]].dtype) for k, u in units.items()}
+  out, vjp = jax.vjp(g, tuple(args[i] for i in nums), zeros)
+
+  def vjp_fn(cotangent):
+    r_args, r_layers = vjp(cotangent)
+    return (r_args[0] if isinstance(argnums, int) else r_args), r_layers
+
+  return out, vjp_fn

@@ -345,6 +345,26 @@ def analyse(program: Program, explained: list, relevance_inputs: bool = True) ->
       cur = out
     unit.outs = [cur]
 
+  def absorb_shift(unit: Unit):
+    """A constant added after a sum of data values (`x @ Wx + h @ Wh + b`) is one more term of the sum's
+    proportional split. Not when a scale follows: that is a standalone norm (BatchNorm after a residual add)."""
+    cur, chain = unit.outs[0], []
+    while cur not in outputs and len(uses.get(cur, ())) == 1:
+      n = uses[cur][0]
+      others = [a for a in n.ins if a != cur]
+      if n in unit_of or any(isinstance(a, int) and a in data for a in others) or n.ins.count(cur) != 1:
+        break
+      if n.prim_name in ("add", "sub") and shape(n.outs[0]) == shape(cur) and (n.prim_name == "add" or n.ins[0] == cur):
+        chain.append(n)
+      elif n.prim_name in ("mul", "div"):
+        return
+      else:
+        break
+      cur = n.outs[0]
+    unit.epilogue.extend(chain)
+    unit.eqns.extend(chain)
+    unit.outs = [cur]
+
   for e in program.eqns:
     if e in live and e.prim_name == "div":
       softmax = _softmax_at(e, data, producer, uses)
@@ -427,7 +447,9 @@ def analyse(program: Program, explained: list, relevance_inputs: bool = True) ->
         root_of[e.outs[0]] = root
         continue
     if name in _ADDITIVE and len(dins) == 2:
-      claim(Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins)))
+      unit = Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins))
+      absorb_shift(unit)
+      claim(unit)
       continue
     if name in STRUCTURAL:
       if name in ("gather", "dynamic_slice", "dynamic_update_slice") and any(

@@ -16,10 +16,20 @@ from jax.extend import core as jcore
 from jax.extend import source_info_util
 from jax.extend.core import primitives as P
 
-__all__ = ["Eqn", "Lit", "Program", "P", "SymbolicZero", "bind", "flatten_program", "source_line"]
+__all__ = ["Eqn", "Lit", "Program", "P", "Region", "SymbolicZero", "bind", "flatten_program", "source_line"]
 
 # Call-like primitives whose bodies are inlined, with the parameter holding the body.
 _INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.remat_p: "jaxpr"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Region:
+  """Equations `eqns[start:stop]` of a flattened program came from one `jax.checkpoint` body (`params`: its
+  `policy` and `prevent_cse`), so the interpreter can re-wrap them in `jax.checkpoint`."""
+
+  start: int
+  stop: int
+  params: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,7 @@ class Program:
   constvars: list  # ids of hoisted constants
   consts: list  # their values
   avals: dict
+  regions: list = dataclasses.field(default_factory=list)  # Region per inlined checkpoint body
 
 
 def flatten_program(closed, prefix=None) -> Program:
@@ -73,6 +84,7 @@ def flatten_program(closed, prefix=None) -> Program:
   eqns: list[Eqn] = []
   const_ids: list[int] = []
   const_vals: list[Any] = []
+  regions: list[Region] = []
   counter = iter(range(1 << 62))
 
   def fresh(aval) -> int:
@@ -96,7 +108,11 @@ def flatten_program(closed, prefix=None) -> Program:
           inner_env[v] = _add_const(c, v.aval)
         for v, a in zip(inner_jaxpr.invars, e.invars):
           inner_env[v] = read(a)
+        start = len(eqns)
         walk(inner_jaxpr, inner_env, stack)
+        if e.primitive is P.remat_p and len(eqns) > start:
+          regions.append(Region(start, len(eqns), {"policy": e.params["policy"],
+                                                   "prevent_cse": e.params["prevent_cse"]}))
         for outer, inner in zip(e.outvars, inner_jaxpr.outvars):
           if not isinstance(outer, jcore.DropVar):
             env[outer] = Lit(inner.val) if isinstance(inner, jcore.Literal) else inner_env[inner]
@@ -122,7 +138,7 @@ def flatten_program(closed, prefix=None) -> Program:
   env.update(zip(closed.jaxpr.invars, invars))
   walk(closed.jaxpr, env, prefix if prefix is not None else source_info_util.new_name_stack())
   outvars = [Lit(v.val) if isinstance(v, jcore.Literal) else env[v] for v in closed.jaxpr.outvars]
-  return Program(eqns, invars, outvars, const_ids, const_vals, avals)
+  return Program(eqns, invars, outvars, const_ids, const_vals, avals, regions)
 
 
 def bind(eqn: Eqn, *args):

@@ -1,9 +1,14 @@
-"""Heatmaps for relevance: diverging colour maps centred at zero, overlays, grids and PNG output.
+"""Heatmaps for relevance: diverging colour maps centred at zero, overlays, grids, PNG output, and token heatmaps.
 
 Everything here is plain NumPy on the host (JAX arrays are converted with ``np.asarray``), so rendering never
-triggers compilation. Only :func:`save_png` needs an optional dependency (Pillow, from the ``plots`` extra).
+triggers compilation. Only :func:`save_png` and :func:`render_text` need an optional dependency (Pillow, from the
+``plots`` extra).
 
 Layouts: a single map is ``HW`` or ``HWC``; a batch is ``NHWC``. The channel axis, where there is one, is last.
+
+Text: :func:`text_heatmap` colours tokens by their relevance with the same colour maps and scaling, as HTML (shown
+inline in Jupyter, saved with :meth:`TextHeatmap.save` / :func:`save_html`) or as an image (:func:`render_text`,
+which needs Pillow and uses matplotlib's bundled DejaVu font where matplotlib is installed).
 
 Example:
   >>> import numpy as np
@@ -19,13 +24,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import html as _html
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLORMAPS", "colormap", "heatmap", "overlay", "grid", "save_png"]
+__all__ = [
+  "COLORMAPS", "colormap", "heatmap", "overlay", "grid", "save_png",
+  "TextHeatmap", "text_heatmap", "token_relevance", "save_html", "render_text",
+]
 
 # Piecewise-linear colour maps on [0, 1]: (positions, RGB colours). Position 0.5 is relevance zero.
 COLORMAPS: dict[str, tuple[tuple[float, ...], tuple[tuple[float, float, float], ...]]] = {
@@ -301,3 +312,300 @@ def save_png(array, path: str | os.PathLike) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG", optimize=True)
   return path
+
+
+# ---- text -------------------------------------------------------------------------------------------------------
+
+# Tokens that stand alone when subwords are merged: [CLS], [SEP], [PAD], <s>, </s>, <|endoftext|>, ...
+_SPECIAL_TOKEN = re.compile(r"^(\[[A-Za-z_]+\]|<\|?/?[A-Za-z_]*\|?>)$")
+_WORD_START = ("\u0120", "\u2581")  # "Ġ" (GPT-2 byte-level BPE, RoBERTa), "▁" (SentencePiece)
+
+
+def token_relevance(relevance, axis: int = -1) -> np.ndarray:
+  """Relevance per token: the sum over the hidden units of each token's embedding.
+
+  LRP is conservative, so a token's relevance is the sum of the relevance of its embedding's entries.
+
+  Args:
+    relevance: NumPy or JAX array, e.g. ``[T, D]`` or ``[B, T, D]`` (the relevance of input embeddings).
+    axis: the hidden axis to sum over.
+
+  Returns:
+    float32 NumPy array with ``axis`` removed.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxlrp.image import token_relevance
+    >>> token_relevance(np.array([[[1.0, 2.0], [-1.0, 0.5]]])).tolist()   # [B=1, T=2, D=2] -> [1, 2]
+    [[3.0, -0.5]]
+  """
+  return np.asarray(relevance, dtype=np.float32).sum(axis=axis)
+
+
+def _merge_subwords(tokens: list[str], values: np.ndarray) -> tuple[list[str], np.ndarray, list[list[int]]]:
+  """Groups subword pieces into words; returns the words, their summed relevance and the piece indices."""
+  word_start = any(t.startswith(_WORD_START) for t in tokens)  # else WordPiece ("##" continues a word)
+  words, groups = [], []
+  after_special = True
+  for i, token in enumerate(tokens):
+    special = bool(_SPECIAL_TOKEN.match(token))
+    if word_start:
+      continues = not token.startswith(_WORD_START)
+      text = token[1:] if not continues else token
+    else:
+      continues = token.startswith("##") and len(token) > 2
+      text = token[2:] if continues else token
+    if continues and not special and not after_special and words:
+      words[-1] += text
+      groups[-1].append(i)
+    else:
+      words.append(text)
+      groups.append([i])
+    after_special = special
+  return words, np.array([values[g].sum() for g in groups], np.float32), groups
+
+
+def _hex(rgb) -> str:
+  return "#" + "".join(f"{int(round(float(c) * 255)):02x}" for c in rgb)
+
+
+def _text_colour(rgb) -> np.ndarray:
+  """Black text on light backgrounds, white on dark ones (Rec. 709 luma)."""
+  luma = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+  return np.ones(3, np.float32) if luma < 0.5 else np.zeros(3, np.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextHeatmap:
+  """Tokens coloured by relevance; see :func:`text_heatmap`.
+
+  Attributes:
+    tokens: the displayed tokens (words when subwords were merged).
+    relevance: float32 ``[N]``, the relevance of each displayed token (summed over merged pieces).
+    colors: float32 ``[N, 3]``, background RGB in ``[0, 1]`` of each token.
+    html: an HTML fragment (one ``<div>`` of ``<span>`` elements); also ``str(heatmap)``.
+    label: an optional caption shown before the tokens.
+  """
+
+  tokens: tuple[str, ...]
+  relevance: np.ndarray
+  colors: np.ndarray
+  html: str
+  label: str | None = None
+
+  def __str__(self) -> str:
+    return self.html
+
+  def _repr_html_(self) -> str:  # Jupyter renders this inline
+    return self.html
+
+  def save(self, path: str | os.PathLike, *, title: str = "jaxlrp relevance") -> Path:
+    """Writes a standalone HTML page; see :func:`save_html`."""
+    return save_html([self], path, title=title)
+
+  def render(self, **kwargs) -> np.ndarray:
+    """The heatmap as an RGB image; see :func:`render_text`."""
+    return render_text([self], **kwargs)
+
+
+def text_heatmap(
+  tokens: Sequence[str],
+  relevance,
+  *,
+  cmap: Colormap = "bwr",
+  merge_subwords: bool = False,
+  vmax: float | None = None,
+  level: float = 1.0,
+  label: str | None = None,
+) -> TextHeatmap:
+  """Colours tokens by their relevance, as HTML, with a diverging colour map centred at zero.
+
+  Colours follow :func:`heatmap`: ``v = (1 + clip(level * R / vmax, -1, 1)) / 2`` with ``vmax = max |R|`` over the
+  displayed tokens by default, so zero is the colour map's centre (white for ``"bwr"``), the most positive token
+  the upper end (red) and the most negative the lower end (blue). Each token becomes a ``<span>`` with that
+  background colour and its relevance in the ``title`` tooltip (and, unrounded, in ``data-relevance``); text is
+  HTML-escaped.
+
+  With ``merge_subwords=True`` subword pieces are joined into words and their relevance summed. The convention is
+  detected from the tokens: if any token starts with ``"Ġ"`` (GPT-2 / RoBERTa BPE) or ``"▁"`` (SentencePiece),
+  those mark the start of a word and every other token continues the previous one; otherwise WordPiece is assumed
+  (``"##"`` continues a word). Special tokens (``[CLS]``, ``<s>``, ``<|endoftext|>``, ...) always stand alone.
+
+  Args:
+    tokens: the token strings, e.g. a tokenizer's ``encoding.tokens``.
+    relevance: ``[T]`` per-token relevance, or ``[T, D]`` relevance of the token embeddings (summed over ``D``,
+      see :func:`token_relevance`). NumPy or JAX.
+    cmap: a colour map name or callable, see :func:`colormap`.
+    merge_subwords: join subword pieces into words (relevance summed).
+    vmax: the magnitude that saturates the colour map; pass the same value to several heatmaps to compare them
+      on one scale. Default: the largest ``|R|`` shown.
+    level: gain applied after scaling, as in :func:`heatmap`.
+    label: a caption shown before the tokens.
+
+  Returns:
+    A :class:`TextHeatmap`: ``str()`` is the HTML fragment, ``.save(path)`` writes a page, ``.render()`` an image.
+
+  Example:
+    >>> from jaxlrp.image import text_heatmap
+    >>> hm = text_heatmap(["[CLS]", "play", "##ing", "<b>"], [0.0, 1.0, 0.5, -3.0], merge_subwords=True)
+    >>> hm.tokens, hm.relevance.tolist()
+    (('[CLS]', 'playing', '<b>'), [0.0, 1.5, -3.0])
+    >>> hm.colors.tolist()                   # zero: white; +1.5 (half of max |R|): light red; -3: blue
+    [[1.0, 1.0, 1.0], [1.0, 0.5, 0.5], [0.0, 0.0, 1.0]]
+    >>> span = str(hm).splitlines()[2]       # one <span> per token
+    >>> "background-color:#ff8080" in span, 'title="+1.5 (play +1, ##ing +0.5)"' in span
+    (True, True)
+    >>> str(hm).count("&lt;b&gt;"), str(hm).count("<b>")      # text is escaped
+    (1, 0)
+  """
+  tokens = [str(t) for t in tokens]
+  values = _as_float(relevance)
+  if values.ndim == 2:
+    values = values.sum(axis=-1)
+  if values.shape != (len(tokens),):
+    raise ValueError(
+      f"text_heatmap needs one relevance per token ([T] or [T, D]); got {len(tokens)} tokens and relevance of "
+      f"shape {np.shape(relevance)}. For a batch, make one heatmap per sequence."
+    )
+  if not np.isfinite(values).all():
+    raise ValueError(f"relevance has non-finite values at tokens {np.flatnonzero(~np.isfinite(values)).tolist()}.")
+  pieces, piece_values = tokens, values
+  groups = [[i] for i in range(len(tokens))]
+  if merge_subwords:
+    tokens, values, groups = _merge_subwords(tokens, values)
+  scale = float(np.abs(values).max(initial=0.0)) if vmax is None else float(vmax)
+  if not scale >= 0 or not np.isfinite(scale):
+    raise ValueError(f"vmax must be a finite non-negative number, got {vmax}.")
+  scaled = values / scale if scale > 0 else np.zeros_like(values)
+  colors = colormap(0.5 * (1.0 + np.clip(level * scaled, -1.0, 1.0)), cmap).reshape(-1, 3)
+
+  spans = []
+  for token, value, colour, group in zip(tokens, values, colors, groups):
+    tip = f"{value:+.4g}"
+    if len(group) > 1:  # a merged word: show what its pieces contributed
+      tip += " (" + ", ".join(f"{pieces[i]} {piece_values[i]:+.4g}" for i in group) + ")"
+    style = (f"background-color:{_hex(colour)};color:{_hex(_text_colour(colour))};"
+             "padding:0.1em 0.25em;border-radius:0.25em;white-space:pre-wrap")
+    spans.append(f'<span style="{style}" title="{_html.escape(tip)}" data-relevance="{float(value)!r}">'
+                 f"{_html.escape(token)}</span>")
+  caption = f'<b style="margin-right:0.5em">{_html.escape(label)}</b>\n' if label else ""
+  fragment = ('<div class="jaxlrp-text-heatmap" style="font-family:sans-serif;line-height:2.2">\n'
+              + caption + "\n".join(spans) + "\n</div>")
+  return TextHeatmap(tuple(tokens), values.astype(np.float32), colors, fragment, label)
+
+
+def _heatmap_list(heatmaps) -> list[TextHeatmap]:
+  heatmaps = [heatmaps] if isinstance(heatmaps, TextHeatmap) else list(heatmaps)
+  if not heatmaps or not all(isinstance(h, TextHeatmap) for h in heatmaps):
+    raise ValueError("Expected one TextHeatmap or a non-empty sequence of them (from text_heatmap).")
+  return heatmaps
+
+
+def save_html(heatmaps, path: str | os.PathLike, *, title: str = "jaxlrp relevance") -> Path:
+  """Writes one or more text heatmaps, one block each, to a standalone UTF-8 HTML page.
+
+  Args:
+    heatmaps: a :class:`TextHeatmap` or a sequence of them.
+    path: the file to write; missing parent directories are created.
+    title: the page title.
+
+  Returns:
+    The path written, as a :class:`pathlib.Path`.
+
+  Example:
+    >>> import os, tempfile
+    >>> from jaxlrp.image import save_html, text_heatmap
+    >>> a = text_heatmap(["good", "movie"], [2.0, 0.5], label="A")
+    >>> b = text_heatmap(["bad", "movie"], [-2.0, 0.1], label="B")
+    >>> path = save_html([a, b], os.path.join(tempfile.mkdtemp(), "text.html"))
+    >>> page = path.read_text(encoding="utf-8")
+    >>> page.startswith("<!DOCTYPE html>"), page.count("jaxlrp-text-heatmap")
+    (True, 2)
+  """
+  body = "\n".join(h.html for h in _heatmap_list(heatmaps))
+  page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{_html.escape(title)}</title>\n'
+          f'</head>\n<body style="margin:1.5em;max-width:60em">\n{body}\n</body>\n</html>\n')
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(page, encoding="utf-8")
+  return path
+
+
+def _fonts(size: int):
+  """Regular and bold fonts: matplotlib's bundled DejaVu Sans if matplotlib is there, else Pillow's default."""
+  from PIL import ImageFont
+
+  try:
+    from matplotlib import font_manager
+
+    def find(weight):
+      props = font_manager.FontProperties(family="DejaVu Sans", weight=weight)
+      return ImageFont.truetype(font_manager.findfont(props, fallback_to_default=True), size)
+
+    return find("normal"), find("bold")
+  except (ImportError, OSError):  # pragma: no cover - depends on the environment
+    font = ImageFont.load_default(size=size)
+    return font, font
+
+
+def render_text(heatmaps, *, width: int = 900, fontsize: int = 16, margin: int = 8) -> np.ndarray:
+  """Draws text heatmaps as an RGB image (one block per heatmap, tokens as coloured boxes, wrapped at ``width``).
+
+  Needs Pillow (``pip install "jaxlrp[plots]"``); the font is matplotlib's DejaVu Sans when matplotlib is
+  installed. Combine with :func:`save_png`, or place next to pixel heatmaps with :func:`grid`.
+
+  Args:
+    heatmaps: a :class:`TextHeatmap` or a sequence of them; a heatmap's ``label`` is drawn in bold before it.
+    width: the largest image width in pixels; the image is cropped to the widest line.
+    fontsize: font size in pixels.
+    margin: white border in pixels.
+
+  Returns:
+    float32 RGB in ``[0, 1]``, shape ``(H, W, 3)`` with ``W <= width``; each token's box is filled with exactly
+    its colour in ``TextHeatmap.colors`` (rounded to 8 bits).
+
+  Example:
+    >>> from jaxlrp.image import render_text, text_heatmap
+    >>> img = render_text(text_heatmap(["good", "movie"], [1.0, -1.0]))
+    >>> img.ndim, img.shape[-1], bool((img == [1.0, 0.0, 0.0]).all(-1).any())   # a pure red box
+    (3, 3, True)
+  """
+  try:
+    from PIL import Image, ImageDraw
+  except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("jaxlrp.image.render_text needs Pillow: pip install \"jaxlrp[plots]\"") from err
+  heatmaps = _heatmap_list(heatmaps)
+  regular, bold = _fonts(fontsize)
+  pad_x, pad_y, gap = max(2, fontsize // 4), max(2, fontsize // 6), max(3, fontsize // 3)
+  ascent, descent = regular.getmetrics()
+  box_h = ascent + descent + 2 * pad_y
+  line_h = box_h + gap
+
+  # Layout first (pixel positions of every box), then draw on a canvas of the needed size.
+  items, y, right = [], margin, margin
+  for h in heatmaps:
+    x = margin
+    if h.label:
+      items.append(("label", h.label, None, x, y))
+      x += int(bold.getlength(h.label)) + 2 * gap
+    indent = x
+    for token, colour in zip(h.tokens, h.colors):
+      w = int(np.ceil(regular.getlength(token))) + 2 * pad_x
+      if x + w > width - margin and x > indent:
+        x, y = indent, y + line_h
+      items.append(("token", token, colour, x, y))
+      right = max(right, x + w)
+      x += w + gap
+    y += line_h + gap
+  canvas = Image.new("RGB", (min(width, right + margin), y - gap + margin - line_h + box_h), "white")
+  draw = ImageDraw.Draw(canvas)
+  for kind, text, colour, x, y in items:
+    if kind == "label":
+      draw.text((x, y + pad_y), text, fill="black", font=bold)
+      continue
+    w = int(np.ceil(regular.getlength(text))) + 2 * pad_x
+    fill = tuple(int(round(float(c) * 255)) for c in colour)
+    ink = tuple(int(c * 255) for c in _text_colour(colour))
+    draw.rounded_rectangle((x, y, x + w - 1, y + box_h - 1), radius=pad_y + 1, fill=fill)
+    draw.text((x + pad_x, y + pad_y), text, fill=ink, font=regular)
+  return np.asarray(canvas, dtype=np.float32) / 255.0

@@ -91,3 +91,28 @@ def test_while_loop_on_the_data_path_is_rejected_with_the_fix():
   f = lambda w, x: jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ w, c[1] + 1), (x, 0))[0]  # noqa: E731
   with pytest.raises(jaxlrp.UnsupportedOpError, match=r"(?s)while_loop.*not reverse-differentiable.*lax.scan"):
     jaxlrp.lrp(f, jaxlrp.EpsilonPlus(), argnums=1)(WS[0], X)
+
+
+def remat_stack(ws, x, policy=jax.checkpoint_policies.nothing_saveable):
+  def block(w, x):
+    return jax.nn.relu(jax.nn.relu(x @ w[0]) @ w[1]) + x
+
+  for w in ws:
+    x = (block if policy is None else jax.checkpoint(block, policy=policy))(w, x)
+  return x
+
+
+@pytest.mark.parametrize("name", ["epsilon", "gamma", "alphabeta", "plusflat"])
+def test_checkpointed_blocks_stay_checkpointed_and_equal_the_plain_stack(name):
+  rng = np.random.default_rng(5)
+  ws = [tuple(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((6, 12), (12, 6))) for _ in range(3)]
+  policy = jax.checkpoint_policies.dots_saveable
+  checkpointed = lambda ws, x: remat_stack(ws, x, policy)  # noqa: E731
+  plain = lambda ws, x: remat_stack(ws, x, None)  # noqa: E731
+  r_ckpt = jax.jit(lambda x: relevance(checkpointed, COMPOSITES[name], ws, x))(X)
+  r_plain = relevance(plain, COMPOSITES[name], ws, X)
+  np.testing.assert_allclose(r_ckpt, r_plain, rtol=1e-6, atol=1e-6 * float(jnp.abs(r_plain).max()))
+  g = jaxlrp.lrp(checkpointed, COMPOSITES[name], argnums=1)
+  eqns = jax.make_jaxpr(lambda x: g(ws, x))(X).jaxpr.eqns
+  remats = [e for e in eqns if e.primitive.name == "remat2"]
+  assert len(remats) == 3 and all(e.params["policy"] is policy for e in remats)

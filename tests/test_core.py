@@ -104,7 +104,7 @@ def test_input_rule_deep_in_the_network_is_rejected():
 def test_attribute_target_validation():
   f = lambda x: mlp(PARAMS, x)  # noqa: E731
   with pytest.raises(ValueError, match=r"target must be an int or one int per sample \(shape \(5,\)\)"):
-    jaxlrp.attribute(f, X, jaxlrp.EpsilonPlus(), target=jnp.zeros((5, 2), jnp.int32))
+    jaxlrp.attribute(f, X, jaxlrp.EpsilonPlus(), target=jnp.zeros((5, 2, 1), jnp.int32))
   with pytest.raises(TypeError, match="integer class indices"):
     jaxlrp.attribute(f, X, jaxlrp.EpsilonPlus(), target=jnp.zeros(5))
   with pytest.raises(ValueError, match=r"\[batch, classes\]"):

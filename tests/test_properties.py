@@ -365,7 +365,7 @@ def test_lrp0_is_gradient_times_input_on_relu_nets(spec):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@_settings(10)
+@_settings(6)
 @given(spec=net_specs(), preset=st.sampled_from(sorted(PRESETS)))
 def test_jit_and_vmap_match_eager(spec, preset):
     f, params, x = build(spec)

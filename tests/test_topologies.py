@@ -307,7 +307,7 @@ def _nontrivial(r) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@_settings(25)
+@_settings(15)
 @given(spec=topologies(centred_bn=True))
 @with_coverage(centred_bn=True)
 def test_lrp0_conserves_on_topologies(spec):
@@ -625,7 +625,7 @@ def test_resnet_bn_agrees_across_frameworks(seed, preset):
 
 
 @pytest.mark.parametrize("preset", list(fw.PRESETS))
-@_settings(5)
+@_settings(3)
 @given(spec=topologies(conv_bias=True) | topologies(conv_bias=False))
 @with_coverage(conv_bias=True)
 def test_bn_folding_matches_folded_twin(spec, preset):
