@@ -109,8 +109,9 @@ def Zero(zero_params=()) -> Epsilon:
 
   .. math:: R_x = x \odot W^\top \frac{R}{Wx + b}
 
-  Divides by zero where an output is exactly zero (the stabiliser is clamped to the smallest normal number of
-  the dtype, so the result is finite but can be huge). On bias-free ReLU networks it equals gradient x input.
+  With `epsilon = 0` the rescale `z / z` is 1, so jaxlrp realises LRP-0 as the plain gradient of the layer (as LXT
+  does): an output that is exactly zero passes on the cotangent it receives. On bias-free ReLU networks it equals
+  gradient x input.
 
   Example:
     >>> import jaxlrp

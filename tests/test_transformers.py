@@ -128,3 +128,32 @@ def test_products_without_a_rule_raise_when_relevance_reaches_them():
   g = jaxlrp.lrp(f, jaxlrp.EpsilonPlus(), argnums=1)
   with pytest.raises(jaxlrp.UnsupportedOpError, match=r"(?s)assigns no rule.*jaxlrp.Uniform\(\)"):
     jax.grad(lambda x: g((a, b), x).sum())(X[:, 0])
+
+
+def rotary(x, base=10000.0):
+  """Rotary position embedding (RoFormer), rotate-half form: a position-dependent linear map of x."""
+  t, d = x.shape[-2], x.shape[-1]
+  freq = base ** (-jnp.arange(0, d, 2) / d)
+  angle = jnp.arange(t)[:, None] * freq[None]
+  cos, sin = jnp.cos(jnp.concatenate([angle, angle], -1)), jnp.sin(jnp.concatenate([angle, angle], -1))
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def test_rotary_embeddings_are_linear_maps_of_the_data():
+  """With the attention weights frozen (CP-LRP) a RoPE block is linear in x: relevance is gradient x input."""
+  p = (WQ, WK, WV, WO)
+
+  def block(p, x):
+    q, k, v = rotary(x @ p[0]), rotary(x @ p[1]), rotary(x @ p[2])
+    w = jax.nn.softmax(jnp.where(CAUSAL, jnp.einsum("bqd,bkd->bqk", q, k) / jnp.sqrt(8.0), -jnp.inf), axis=-1)
+    return jnp.einsum("bqk,bkd->bqd", w, v) @ p[3]
+
+  g = jaxlrp.lrp(block, jaxlrp.CPLRP(), argnums=1)
+  r = jax.grad(lambda x: g(p, x)[:, -1, 0].sum())(X)
+  q, k = rotary(X @ WQ), rotary(X @ WK)
+  weights = jax.nn.softmax(jnp.where(CAUSAL, jnp.einsum("bqd,bkd->bqk", q, k) / jnp.sqrt(8.0), -jnp.inf), axis=-1)
+  frozen = lambda x: (jnp.einsum("bqk,bkd->bqd", weights, rotary(x @ WV)) @ WO)[:, -1, 0].sum()  # noqa: E731
+  expected = X * jax.grad(frozen)(X)
+  np.testing.assert_allclose(r, expected, rtol=1e-3, atol=1e-5 * float(jnp.abs(expected).max()))
+  np.testing.assert_allclose(r.sum(), frozen(X), rtol=1e-4)  # bias-free and linear: conserved
