@@ -72,10 +72,6 @@ CLS, SEP, PAD = 101, 102, 0  # BERT uncased vocabulary
 FIRST_WORD_ID = 1996  # below: [unused] entries and single characters
 
 
-def _log_fn(args):
-    return print if not args.quiet else (lambda *a, **k: None)
-
-
 def make_inputs(batch: int, length: int, seed: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded token ids ``[CLS] words [SEP] [PAD]...`` and the 0/1 attention mask, int32 [batch, length]."""
     rng = np.random.default_rng(seed)
@@ -153,7 +149,7 @@ def run_jax(args) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks import overhead
     from examples import minilm
 
-    log = _log_fn(args)
+    log = timing.log_fn(args)
     methods = tuple(args.methods)
 
     t0 = time.perf_counter()
@@ -222,7 +218,7 @@ def run_torch_subprocess(args, arrays: dict[str, Any], workdir: Path) -> dict[st
     """Write the input for the worker, run it, read back its report and arrays, compare with the JAX side."""
     from examples import minilm
 
-    log = _log_fn(args)
+    log = timing.log_fn(args)
     np.save(workdir / "x.npy", arrays["x"])
     np.save(workdir / "mask.npy", arrays["mask"])
     np.save(workdir / "v.npy", arrays["v"])
@@ -316,7 +312,6 @@ def torch_worker(config_path: str) -> None:
 
     import torch
 
-    from benchmarks.resnet50 import _dist_version, _peak_rss_mib, _reset_peak_rss, _rss_mib
     from tests.crosscheck import lxt_bert
 
     cfg = json.loads(Path(config_path).read_text())
@@ -377,13 +372,13 @@ def torch_worker(config_path: str) -> None:
     results: dict[str, dict[str, Any]] = {}
     arrays: dict[str, np.ndarray] = {}
     for name, key in (("forward", "y"), ("grad", "grad"), ("AttnLRP", "relevance")):
-        rss_before = _rss_mib()
-        _reset_peak_rss()
+        rss_before = timing.rss_mib()
+        timing.reset_peak_rss()
         with around[name]():
             t1 = time.perf_counter()
             arrays[key] = calls[name]().detach().numpy()  # first call (warm-up; compared with jaxlrp's)
             t2 = time.perf_counter()
-        results[name] = {"first_call_s": t2 - t1, "peak_rss_increase_mib": _peak_rss_mib() - rss_before}
+        results[name] = {"first_call_s": t2 - t1, "peak_rss_increase_mib": timing.peak_rss_mib() - rss_before}
         log(f"  {name:<10} first call {t2 - t1:6.2f} s  peak RSS +{results[name]['peak_rss_increase_mib']:.0f} MiB")
     # The swap works both ways: the plain gradient after an LXT call is the first one, and LXT's is another quantity.
     with switch.plain():
@@ -406,8 +401,8 @@ def torch_worker(config_path: str) -> None:
         "machine": {
             **timing.host_info(),
             "torch": torch.__version__,
-            "transformers": _dist_version("transformers"),
-            "lxt": _dist_version("lxt"),
+            "transformers": timing.dist_version("transformers"),
+            "lxt": timing.dist_version("lxt"),
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
@@ -432,12 +427,6 @@ def torch_worker(config_path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
-
-def _ms(r: dict | None) -> str:
-    if not r or "median_s" not in r:
-        return ""
-    return f"{r['median_s'] * 1e3:.0f} ({r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f})"
-
 
 def jaxpr_difference(results: dict[str, Any], name: str, top: int = 8) -> str:
     """The primitives whose counts differ most between ``name``'s jaxpr and grad's, e.g. ``mul +72``."""
@@ -479,12 +468,12 @@ def markdown_table(report: dict[str, Any]) -> str:
         limit = r.get("time_limit")
         mark = "" if limit is None else (" ok" if r["within_time_limit"] else " **over**")
         label = {"forward": "forward", "grad": "gradient"}.get(name, name)
-        row = (f"| {label} | {_ms(r)} | {r['ratio']:.2f}x{mark} | {'' if limit is None else f'<= {limit:.2f}'} | "
+        row = (f"| {label} | {timing.ms_cell(r)} | {r['ratio']:.2f}x{mark} | {'' if limit is None else f'<= {limit:.2f}'} | "
                f"{r['cpu_ratio']:.2f}x | {r['memory_ratio']:.2f}x | {r['hlo']['dot']} | {r['compile_s']:.1f} |")
         if tr:
             t = tr["results"].get(name)
             if t:
-                row += f" {_ms(t)} | {t['ratio']:.2f}x | {t['cpu_ratio']:.2f}x | {t['median_s'] / r['median_s']:.2f}x |"
+                row += f" {timing.ms_cell(t)} | {t['ratio']:.2f}x | {t['cpu_ratio']:.2f}x | {t['median_s'] / r['median_s']:.2f}x |"
             else:
                 row += " | | | |"
         lines.append(row)

@@ -92,10 +92,6 @@ def unflatten_variables(flat) -> dict:
     return out
 
 
-def _log_fn(args):
-    return print if not args.quiet else (lambda *a, **k: None)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # JAX / jaxlrp side (this process)
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +103,7 @@ def run_jax(args) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks import models, overhead
 
     assert overhead.LRP_METHODS == LRP_METHODS, "benchmarks/overhead.py and resnet50.py disagree on the methods"
-    log = _log_fn(args)
+    log = timing.log_fn(args)
     methods = tuple(args.methods)
     overhead.check_lrp_available(methods)
 
@@ -168,7 +164,7 @@ def run_jax(args) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def run_zennit_subprocess(args, arrays: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Write the variables and the input for the worker, run it, read back its report and arrays."""
-    log = _log_fn(args)
+    log = timing.log_fn(args)
     np.savez(workdir / "variables.npz", **flatten_variables(arrays["variables"]))
     np.save(workdir / "x_nchw.npy", np.ascontiguousarray(arrays["x_nhwc"].transpose(0, 3, 1, 2)))
     config = {
@@ -313,13 +309,13 @@ def torch_worker(config_path: str) -> None:
                 raise SystemExit(f"{name}: SequentialMergeBatchNorm merged {merged} of {n_bn} BatchNorms")
             res["batchnorms_merged"] = merged
         t1 = time.perf_counter()
-        rss_before = _rss_mib()
-        _reset_peak_rss()
+        rss_before = timing.rss_mib()
+        timing.reset_peak_rss()
         with (around[name]() if name in around else contextlib.nullcontext()):
             t2 = time.perf_counter()
             out = calls[name]()  # first call (warm-up; Zennit: the relevance compared with jaxlrp's)
             t3 = time.perf_counter()
-        res["peak_rss_increase_mib"] = _peak_rss_mib() - rss_before
+        res["peak_rss_increase_mib"] = timing.peak_rss_mib() - rss_before
         if name in LRP_METHODS:
             arrays[f"rel_{name}"] = out.detach().numpy()
             res["finite"] = bool(np.isfinite(arrays[f"rel_{name}"]).all())
@@ -347,7 +343,7 @@ def torch_worker(config_path: str) -> None:
         "machine": {
             **timing.host_info(),
             "torch": torch.__version__,
-            "zennit": getattr(zennit, "__version__", None) or _dist_version("zennit"),
+            "zennit": getattr(zennit, "__version__", None) or timing.dist_version("zennit"),
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
@@ -380,52 +376,6 @@ def _registered(attributor):
             yield attributor
 
     return registered
-
-
-def _status_kib(field: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _rss_mib() -> float:
-    return _status_kib("VmRSS") / 1024
-
-
-def _peak_rss_mib() -> float:
-    return _status_kib("VmHWM") / 1024
-
-
-def _reset_peak_rss() -> None:
-    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------------
-
-def _ms(r: dict | None) -> str:
-    if not r or "median_s" not in r:
-        return ""
-    return f"{r['median_s'] * 1e3:.0f} ({r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f})"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -464,13 +414,13 @@ def markdown_table(report: dict[str, Any]) -> str:
         if r.get("memory_limit") is not None:
             mem += " ok" if r["within_memory_limit"] else " **over**"
         label = {"forward": "forward", "grad": "gradient"}.get(name, name)
-        row = (f"| {label} | {_ms(r)} | {r['ratio']:.2f}x{mark} | {'' if limit is None else f'<= {limit:.1f}'} | "
+        row = (f"| {label} | {timing.ms_cell(r)} | {r['ratio']:.2f}x{mark} | {'' if limit is None else f'<= {limit:.1f}'} | "
                f"{r['cpu_ratio']:.2f}x | {mem} | {r['hlo']['convolution']} | {r['compile_s']:.1f} |")
         if tr:
             t = tr["results"].get(name)
             if t:
                 diff = tr["crosscheck"]["relevance_max_rel_diff"].get(name)
-                row += (f" {_ms(t)} | {t['ratio']:.2f}x | {t['cpu_ratio']:.2f}x | "
+                row += (f" {timing.ms_cell(t)} | {t['ratio']:.2f}x | {t['cpu_ratio']:.2f}x | "
                         f"{t['median_s'] / r['median_s']:.1f}x | {'' if diff is None else f'{diff:.1e}'} |")
             else:
                 row += " | | | | |"

@@ -133,3 +133,57 @@ def host_info() -> dict[str, Any]:
         "numpy": np.__version__,
         "git_commit": git_commit(),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process memory and package versions (the torch workers' side; Linux /proc, NaN elsewhere)
+# ----------------------------------------------------------------------------------------------------------------
+
+def status_kib(field: str) -> float:
+    """A ``/proc/self/status`` field in KiB (e.g. ``VmRSS``), NaN where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float("nan")
+
+
+def rss_mib() -> float:
+    return status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    return status_kib("VmHWM") / 1024
+
+
+def reset_peak_rss() -> None:
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def dist_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or None."""
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def ms_cell(r: dict | None) -> str:
+    """A table cell ``median (min-max)`` in ms from a ``summarise_times`` entry ('' when there is none)."""
+    if not r or "median_s" not in r:
+        return ""
+    return f"{r['median_s'] * 1e3:.0f} ({r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f})"
+
+
+def log_fn(args):
+    """``print``, or a no-op when ``args.quiet``."""
+    return print if not args.quiet else (lambda *a, **k: None)
