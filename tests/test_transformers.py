@@ -157,3 +157,19 @@ def test_rotary_embeddings_are_linear_maps_of_the_data():
   expected = X * jax.grad(frozen)(X)
   np.testing.assert_allclose(r, expected, rtol=1e-3, atol=1e-5 * float(jnp.abs(expected).max()))
   np.testing.assert_allclose(r.sum(), frozen(X), rtol=1e-4)  # bias-free and linear: conserved
+
+
+def test_one_hot_tokens_times_table_explain_like_the_word_embeddings():
+  """Explaining one-hot tokens (`onehot @ table + positions`) gives each token the relevance of its word embedding;
+  the position embeddings act as a bias of that layer."""
+  vocab, table, pos = 11, _normal(11, 8) * 0.5, _normal(5, 8) * 0.1
+  tokens = jnp.asarray(RNG.integers(0, vocab, size=(2, 5)))
+  onehot = jax.nn.one_hot(tokens, vocab)
+  p = (WQ, WK, WV, WO)
+  g1 = jaxlrp.lrp(lambda t, oh: attention(p, oh @ t + pos, CAUSAL), jaxlrp.AttnLRP(), argnums=1)
+  r_onehot = jax.grad(lambda oh: g1(table, oh)[:, -1, 0].sum())(onehot)
+  assert float(jnp.abs(r_onehot * (1 - onehot)).max()) == 0.0  # only the present tokens carry relevance
+  g2 = jaxlrp.lrp(lambda w, q: attention(p, w + q, CAUSAL), jaxlrp.AttnLRP(), argnums=(0, 1))
+  positions = jnp.broadcast_to(pos, (2, 5, 8))
+  r_word, _ = jax.grad(lambda w, q: g2(w, q)[:, -1, 0].sum(), argnums=(0, 1))(table[tokens], positions)
+  np.testing.assert_allclose(r_onehot.sum(-1), r_word.sum(-1), rtol=1e-4, atol=1e-6)
