@@ -16,14 +16,14 @@ concepts in one vmapped call.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlrp._composites import Composite
-from jaxlrp._core import plan, run, select_layers
+from jaxlrp._core import lrp_vjp, plan, run, select_layers
 
 __all__ = ["ConceptRelevance", "conditional_relevance", "relevance_maximization"]
 
@@ -149,31 +149,19 @@ def relevance_maximization(f: Callable, batches: Iterable, composite: Composite,
     >>> idx.tolist(), score.tolist()
     ([[2, 0], [1, 2]], [[3.0, 1.0], [2.0, 1.0]])
   """
-  scores, offset = [], 0
+  scores = []
 
   @jax.jit
   def channel_relevance(params, x):
     args = (x,) if params is None else (params, x)
-    fn = f if params is None else (lambda pp, xx: f(pp, xx))
-    argnum = len(args) - 1
-    p = plan(fn, composite, args, argnum, strict)
-    unit = select_layers(p, {"layer": layer})["layer"]
-    v_id = unit.outs[0]
-    aval = p.program.avals[v_id]
-    p.tapped = frozenset({v_id})
-    head = list(jax.tree_util.tree_leaves(args[:argnum]))
-    d0 = jnp.zeros(aval.shape, aval.dtype)
-    out, vjp = jax.vjp(lambda d: jax.tree_util.tree_unflatten(
-        p.out_tree, run(p, head + jax.tree_util.tree_leaves(x), {v_id: d})), d0)
-    seed, _ = _seed(out, target)
-    (rel,) = vjp(seed)
+    out, vjp = lrp_vjp(f, composite, *args, argnums=len(args) - 1, layers={"layer": layer}, strict=strict)
+    rel = vjp(_seed(out, target)[0])[1]["layer"]
     ax = axis % rel.ndim
     return rel.sum(axis=tuple(i for i in range(rel.ndim) if i not in (0, ax)))
 
   for batch in batches:
     batch = jnp.asarray(batch)
     scores.append(np.asarray(channel_relevance(params, batch)))
-    offset += batch.shape[0]
   if not scores:
     raise ValueError("relevance_maximization got no batches.")
   all_scores = np.concatenate(scores, axis=0).T  # [channels, samples]

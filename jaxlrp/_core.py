@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlrp import _jax
-from jaxlrp._composites import Composite, OpInfo
+from jaxlrp._composites import Composite, OpInfo, as_selector
 from jaxlrp._errors import RulePlacementError, UnsupportedOpError
 from jaxlrp._graph import Analysis, Unit, analyse
 from jaxlrp._jax import Lit, bind, bind_with
@@ -825,8 +825,6 @@ def lrp(f: Callable, composite: Composite, *, argnums: int | Sequence[int] = 0, 
 
 def select_layers(p: Plan, layers: dict) -> dict:
   """`{label: selector}` -> `{label: unit}`; each selector must match exactly one op of the top-level program."""
-  from jaxlrp._composites import as_selector
-
   if not isinstance(layers, dict) or not layers:
     raise TypeError(f"layers must be a non-empty dict {{label: selector}}, e.g. {{'block1': jaxlrp.Path('*Conv_1*')}}; "
                     f"got {layers!r}.")

@@ -316,8 +316,13 @@ def analyse(program: Program, explained: list, relevance_inputs: bool = True) ->
     for e in unit.eqns:
       unit_of[e] = unit
 
-  def absorb_epilogue(unit: Unit, masks: bool = False):
-    cur = unit.outs[0]
+  def absorb_epilogue(unit: Unit, masks: bool = False, shifts_only: bool = False):
+    """Appends the single-use affine / cast / shape ops after `unit`'s output to its epilogue.
+
+    `shifts_only` (a sum of data values): only constants added or subtracted (`x @ Wx + h @ Wh + b`: one more term
+    of the sum's proportional split), and nothing when a scale follows (a standalone norm: BatchNorm after a
+    residual add)."""
+    cur, chain, has_scale = unit.outs[0], [], unit.has_scale
     while cur not in outputs and len(uses.get(cur, ())) == 1:
       n = uses[cur][0]
       if n in unit_of:
@@ -327,11 +332,16 @@ def analyse(program: Program, explained: list, relevance_inputs: bool = True) ->
       if any(isinstance(a, int) and a in data for a in others) or n.ins.count(cur) != 1:
         break
       out = n.outs[0]
-      if name in ("add", "sub", "mul", "div"):
+      if shifts_only:
+        if name in ("mul", "div"):
+          return
+        if name not in ("add", "sub") or shape(out) != shape(cur) or (name == "sub" and n.ins[1] == cur):
+          break
+      elif name in ("add", "sub", "mul", "div"):
         if shape(out) != shape(cur) or (name == "div" and n.ins[0] != cur):
           break
         if name in ("mul", "div") or (name == "sub" and n.ins[1] == cur):
-          unit.has_scale = True
+          has_scale = True
       elif name == "convert_element_type":
         if not is_float(avals[out]):
           break
@@ -340,30 +350,12 @@ def analyse(program: Program, explained: list, relevance_inputs: bool = True) ->
           break
       elif name not in ("reshape", "squeeze", "expand_dims", "transpose"):
         break
-      unit.epilogue.append(n)
-      unit.eqns.append(n)
+      chain.append(n)
       cur = out
-    unit.outs = [cur]
-
-  def absorb_shift(unit: Unit):
-    """A constant added after a sum of data values (`x @ Wx + h @ Wh + b`) is one more term of the sum's
-    proportional split. Not when a scale follows: that is a standalone norm (BatchNorm after a residual add)."""
-    cur, chain = unit.outs[0], []
-    while cur not in outputs and len(uses.get(cur, ())) == 1:
-      n = uses[cur][0]
-      others = [a for a in n.ins if a != cur]
-      if n in unit_of or any(isinstance(a, int) and a in data for a in others) or n.ins.count(cur) != 1:
-        break
-      if n.prim_name in ("add", "sub") and shape(n.outs[0]) == shape(cur) and (n.prim_name == "add" or n.ins[0] == cur):
-        chain.append(n)
-      elif n.prim_name in ("mul", "div"):
-        return
-      else:
-        break
-      cur = n.outs[0]
     unit.epilogue.extend(chain)
     unit.eqns.extend(chain)
     unit.outs = [cur]
+    unit.has_scale = has_scale
 
   for e in program.eqns:
     if e in live and e.prim_name == "div":
@@ -448,7 +440,7 @@ def analyse(program: Program, explained: list, relevance_inputs: bool = True) ->
         continue
     if name in _ADDITIVE and len(dins) == 2:
       unit = Unit("add", [e], dins, [e.outs[0]], e, tuple(i for i, a in enumerate(e.ins) if a in dins))
-      absorb_shift(unit)
+      absorb_epilogue(unit, shifts_only=True)
       claim(unit)
       continue
     if name in STRUCTURAL:

@@ -181,20 +181,14 @@ class AlphaBeta(Rule):
   def propagate(self, m, relevance):
     b = m.bias(self.zero_bias)
     a, bt, eps = self.alpha, self.beta, self.epsilon
-    if m.nonneg and m.feeds_relu and not self.zero_bias:
-      # R = 0 where z <= 0. Where z > 0, z_a = W+ x + b+ exceeds |W- x|, so W+ x = W x - W- x (W x = z - b from the
-      # forward) keeps all its digits: one modified forward instead of two. W- x itself is computed directly:
-      # as W x - W+ x it would lose the digits z_b is made of wherever W+ x dominates (float32 cancellation).
-      zb_lin = m.F("N", m.x)
-      za = (m.linear_out - zb_lin) + _pos(b)
-      zb = zb_lin + _neg(b)
-      ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
-      return a * m.T("P", ca) - bt * m.T("N", cb)
     if m.nonneg:
-      # Both modified forwards directly: the output may be signed (before a residual add), and either
-      # difference could cancel.
-      za = m.F("P", m.x) + _pos(b)
-      zb = m.F("N", m.x) + _neg(b)
+      # W- x is computed directly: as W x - W+ x it would lose the digits z_b is made of wherever W+ x dominates
+      # (float32 cancellation). Before a ReLU, R = 0 where z <= 0, and where z > 0, z_a = W+ x + b+ exceeds |W- x|,
+      # so W+ x = W x - W- x (W x = z - b from the forward) keeps all its digits: one modified forward instead of
+      # two. Elsewhere (the output is signed, e.g. before a residual add) either difference could cancel.
+      zb_lin = m.F("N", m.x)
+      za_lin = m.linear_out - zb_lin if m.feeds_relu and not self.zero_bias else m.F("P", m.x)
+      za, zb = za_lin + _pos(b), zb_lin + _neg(b)
       ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
       # W-^T is applied directly, not as W^T - W+^T: where z_b is ~0, c_b is huge and the difference of two
       # large transposes would cancel catastrophically.
