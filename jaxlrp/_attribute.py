@@ -13,8 +13,8 @@ import numpy as np
 
 from jaxlrp import _jax
 from jaxlrp._attributors import Attributor
-from jaxlrp._composites import Composite
-from jaxlrp._core import _walk, lrp, plan
+from jaxlrp._composites import Composite, Selector, as_selector
+from jaxlrp._core import _walk, lrp, lrp_vjp, plan
 from jaxlrp._rules import Rule
 
 __all__ = ["Attribution", "attribute", "normalize", "RuleRow", "show_rules"]
@@ -35,12 +35,16 @@ class Attribution:
       `[B, C]`), the mask for a mask target, `None` for a callable target.
     score: the explained score of each sample, `[B]`, or of each sample and target, `[B, K]`: `f(x)[b, t]`, the
       masked sum, or the callable's value.
+    layers: with `attribute(..., layers=...)`, a dict `{label: relevance of that layer's output}` from the same
+      backward pass (labels as in `attribute`); each entry is shaped like the layer output, `[B, ...]`, or
+      `[B, K, ...]` for K targets. `None` when no layers were asked for.
   """
 
   relevance: Any
   output: Any
   target: Any
   score: Any = None
+  layers: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,37 +164,91 @@ def _prepare_target(target, out_aval) -> tuple[_Target, Any]:
   raise TypeError(f"target must hold integer class indices or be a boolean/float mask; got dtype {dtype}.")
 
 
-def _attribution_impl(jaxpr, strict, has_params, spec, chunk, consts, params, x, target, method):
+def _layer_dict(layers) -> dict | None:
+  """`layers` as `{label: selector}`: a dict keeps its labels; a list (or tuple) of selectors is labelled by
+  position, and a single selector is the list `[selector]` (label 0)."""
+  if layers is None:
+    return None
+  if isinstance(layers, dict):
+    found = dict(layers)
+  elif isinstance(layers, (list, tuple)):
+    found = dict(enumerate(layers))
+  elif isinstance(layers, (str, Selector)) or callable(layers):
+    found = {0: layers}
+  else:
+    raise TypeError(f"layers must be a selector (e.g. jaxlrp.Path('*Conv_1*')), a list of selectors or a dict "
+                    f"{{label: selector}}; got {layers!r}.")
+  if not found:
+    raise ValueError("layers is empty; pass at least one selector, or leave layers=None.")
+  try:
+    sorted(found)  # the result dict is a pytree: JAX sorts its keys
+  except TypeError:
+    raise TypeError(f"the labels of layers must be of one sortable type (e.g. all strings); got "
+                    f"{list(found)!r}.") from None
+  for label, sel in found.items():
+    try:
+      found[label] = as_selector(sel)
+    except TypeError as e:
+      raise TypeError(f"layers[{label!r}]: {e}") from None
+  return found
+
+
+def _layers_key(layers: dict | None):
+  """The layer selectors as part of the compile cache key (the selectors themselves where hashable: a `Where`
+  predicate is keyed by identity, which the cache entry keeps alive)."""
+  if layers is None:
+    return None
+  key = tuple(layers.items())
+  try:
+    hash(key)
+  except TypeError:
+    return repr(key)
+  return key
+
+
+def _attribution_impl(jaxpr, strict, has_params, spec, chunk, layers, consts, params, x, target, method):
   flat_fn = _jax.jaxpr_as_fun(jaxpr, consts)
   f = lambda *args: flat_fn(*jax.tree_util.tree_leaves(args))[0]  # noqa: E731 - f's one output
   is_lrp = isinstance(method, Composite)
   model = lrp(f, method, argnums=1 if has_params else 0, strict=strict) if is_lrp else f
   forward = (lambda xx: model(params, xx)) if has_params else model
 
+  def vjp_of(xx):
+    """`(out, vjp)`; `vjp(c)` is the relevance (gradient) of `xx`, or `(relevance, {label: layer relevance})`."""
+    if layers is None:
+      out, vjp = jax.vjp(forward, xx)
+      return out, lambda c: vjp(c)[0]
+    args = (params, xx) if has_params else (xx,)
+    return lrp_vjp(f, method, *args, argnums=len(args) - 1, layers=layers, strict=strict)
+
   def pullback(xx):
     # One forward; the K cotangents share it (vmap of the VJP function, not of the forward).
-    out, vjp = jax.vjp(forward, xx)
+    out, vjp = vjp_of(xx)
     cot = spec.cotangent(out, target)
     if not spec.multi:
-      return out, vjp(cot)[0]
+      return out, vjp(cot)
     if chunk is None or chunk >= cot.shape[0]:
-      return out, jax.vmap(vjp)(cot)[0]
-    return out, jax.lax.map(lambda c: vjp(c)[0], cot, batch_size=chunk)
+      return out, jax.vmap(vjp)(cot)
+    return out, jax.lax.map(vjp, cot, batch_size=chunk)
 
   out, relevance = pullback(x) if is_lrp else method.explain(forward, pullback, x)
-  if spec.multi:
-    relevance = jnp.moveaxis(relevance, 0, 1)
-  return Attribution(relevance, out, spec.record(out, target), spec.score(out, target))
+  layer_relevance = None
+  if layers is not None:
+    relevance, layer_relevance = relevance
+  if spec.multi:  # the K axis of the cotangents goes after the batch axis
+    relevance, layer_relevance = jax.tree_util.tree_map(lambda r: jnp.moveaxis(r, 0, 1),
+                                                        (relevance, layer_relevance))
+  return Attribution(relevance, out, spec.record(out, target), spec.score(out, target), layer_relevance)
 
 
 _compiled: collections.OrderedDict = collections.OrderedDict()
 
 
-def _compiled_for(key, jaxpr, strict, has_params, spec, chunk):
+def _compiled_for(key, jaxpr, strict, has_params, spec, chunk, layers):
   fn = _compiled.get(key)
   if fn is None:
     fn = jax.jit(lambda consts, params, x, target, method: _attribution_impl(
-        jaxpr, strict, has_params, spec, chunk, consts, params, x, target, method))
+        jaxpr, strict, has_params, spec, chunk, layers, consts, params, x, target, method))
     _compiled[key] = fn
     while len(_compiled) > 32:
       _compiled.popitem(last=False)
@@ -210,8 +268,8 @@ def _check_method(method) -> None:
                   f"(jaxlrp.VanillaGradient(), GradientXInput(), SmoothGrad(), IntegratedGradients()); got {method!r}.")
 
 
-def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=None, strict: bool = True,
-              target_batch_size: int | None = None) -> Attribution:
+def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=None, layers=None,
+              strict: bool = True, target_batch_size: int | None = None) -> Attribution:
   """Explains chosen outputs of `f(x)` with LRP (a `Composite`) or a gradient-based attributor.
 
   `method` is a `jaxlrp.Composite` (LRP with its rules) or one of `jaxlrp.VanillaGradient()`,
@@ -239,6 +297,16 @@ def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=
   score that ignores the scale of `out` (cosine similarity) the total is zero. To explain a similarity to `ref`,
   use `lambda out: out @ (ref / jnp.linalg.norm(ref))` rather than the cosine.
 
+  Intermediate relevance (LRP only). `layers` reads out the relevance of chosen layers' outputs in the same
+  backward pass (no second pass), as `jaxlrp.lrp_vjp` does: `res.layers[label]` is shaped like the layer output
+  (`[B, ...]`, or `[B, K, ...]` for K targets, like `relevance`). A layer's output is its value after the folded
+  epilogue (e.g. after a folded BatchNorm), before the activation. `layers` is a dict `{label: selector}`, a list
+  of selectors (labelled by position: `res.layers[0]`, `res.layers[1]`, ...), or one selector (label 0). Each
+  selector must match exactly one recognised op, e.g. `jaxlrp.Path("*Conv_1*")`, `jaxlrp.Name("*Dense_0*")`, or
+  `jaxlrp.Last(kinds=("conv",))`; `jaxlrp.show_rules` lists the ops. Under LRP-0 on a bias-free ReLU network each
+  layer's relevance sums to the score, like the input's. The gradient attributors have no layer relevance:
+  `layers` raises for them.
+
   Compilation: the program is traced once per call, and compiled once per distinct program and target kind:
   constants `f` closes over are passed to the compiled function as arguments rather than embedded (compiling large
   closed-over weights is slow); the composite's and the attributor's hyperparameters, the target indices, mask and
@@ -254,12 +322,15 @@ def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=
     target: an int, an int array `[B]` or `[B, K]`, `"all"`, a mask, or a callable, as above.
     params: optional parameters, passed as `f`'s first argument.
     strict: see `jaxlrp.lrp` (LRP only).
+    layers: optional layers whose output relevance to return: a selector, a list of selectors or a dict
+      `{label: selector}`, as above (LRP only).
     target_batch_size: with K targets, run the backward pass for at most this many of them at a time
       (`jax.lax.map`), to bound memory: all K at once cost about K single-target backward passes' memory (e.g.
       `"all"` with 1000 classes). `None`: all K in one vmapped pass (fastest).
 
   Returns:
-    An `Attribution(relevance, output, target, score)`; `relevance` is `[B, ...]`, or `[B, K, ...]` for K targets.
+    An `Attribution(relevance, output, target, score, layers)`; `relevance` is `[B, ...]`, or `[B, K, ...]` for K
+    targets; `layers` is `None` unless `layers` was given.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxlrp
@@ -275,8 +346,23 @@ def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=
     ...                             target=lambda out: out[:, 0] - out[:, 1])
     >>> contrast.relevance, contrast.score
     (Array([[2. , 1.5]], dtype=float32), Array([3.5], dtype=float32))
+
+    Intermediate relevance: the hidden layer of a two-layer ReLU net, under LRP-0 (every layer sums to the score).
+
+    >>> p = {"w1": jnp.array([[1.0, -1.0], [2.0, 1.0]]), "w2": jnp.array([[1.0, 0.0], [1.0, 2.0]])}
+    >>> net = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]
+    >>> res = jaxlrp.attribute(net, jnp.ones((1, 2)), jaxlrp.Composite(("linear", jaxlrp.Epsilon(0.0))),
+    ...                        target=0, params=p, layers={"hidden": jaxlrp.Path("w1")})
+    >>> res.score, res.layers["hidden"], res.relevance
+    (Array([3.], dtype=float32), Array([[3., 0.]], dtype=float32), Array([[1., 2.]], dtype=float32))
   """
   _check_method(method)
+  layers = _layer_dict(layers)
+  if layers is not None and not isinstance(method, Composite):
+    raise TypeError(f"layers= reads relevance out of the LRP backward pass and needs a jaxlrp.Composite; "
+                    f"{type(method).__name__} is a gradient attributor, which has no layer relevance. For the "
+                    f"gradient at an intermediate value use jax.vjp on the part of f above it; for LRP at that "
+                    f"layer pass a composite (e.g. jaxlrp.EpsilonPlusFlat()).")
   has_params = params is not None
   args = (params, x) if has_params else (x,)
   if not isinstance(method, Composite) and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -293,8 +379,8 @@ def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=
   if target_batch_size is not None and (not isinstance(target_batch_size, int) or isinstance(target_batch_size, bool)
                                         or target_batch_size < 1):
     raise ValueError(f"target_batch_size must be None or an int >= 1; got {target_batch_size!r}.")
-  key = (str(closed.jaxpr), strict, has_params, spec.key(), target_batch_size)
-  fn = _compiled_for(key, closed.jaxpr, strict, has_params, spec, target_batch_size)
+  key = (str(closed.jaxpr), strict, has_params, spec.key(), target_batch_size, _layers_key(layers))
+  fn = _compiled_for(key, closed.jaxpr, strict, has_params, spec, target_batch_size, layers)
   return fn(list(closed.consts), params, x, data, method)
 
 

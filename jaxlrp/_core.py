@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import types
 from typing import Any, Callable, Sequence
 
@@ -370,6 +371,56 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
   return op
 
 
+def _max_pool_op(e, x_shape: tuple) -> Callable:
+  """`reduce_window_max` whose VJP routes the cotangent through the winner of each window, chosen in the forward.
+
+  The gradient of a max pool (XLA's select_and_scatter) selects each window's winner inside the backward pass, so
+  K vmapped cotangents (many targets per call) select K times. Here the forward records the winner's position in
+  its window (an int8 per output, the first maximum in row-major window order, as select_and_scatter breaks ties)
+  and the backward only places the cotangent: the result equals the gradient, and the selection is shared.
+  Windows that tile the input (stride == window: Flax's max_pool default) are placed by one reshape; overlapping
+  windows by one strided pad per window offset."""
+  wd, ws, pad = e.params["window_dimensions"], e.params["window_strides"], e.params["padding"]
+  offsets = list(itertools.product(*[range(w) for w in wd]))
+  tiled = all(s == w for s, w in zip(ws, wd))
+
+  def window_slices(x, y_shape):
+    low = jnp.array(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype)
+    xp = jax.lax.pad(x, low, [(lo, hi, 0) for lo, hi in pad])
+    return [jax.lax.slice(xp, off, [o + (n - 1) * s + 1 for o, n, s in zip(off, y_shape, ws)], ws) for off in offsets]
+
+  @jax.custom_vjp
+  def op(x):
+    return bind(e, x)[0]
+
+  def fwd(x):
+    y = bind(e, x)[0]
+    winner = jnp.argmax(jnp.stack(window_slices(x, y.shape)), axis=0)
+    return y, winner.astype(jnp.int8 if len(offsets) <= 127 else jnp.int32)
+
+  def bwd(winner, g):
+    padded = [n + lo + hi for n, (lo, hi) in zip(x_shape, pad)]
+    if tiled:
+      parts = jax.nn.one_hot(winner, len(offsets), dtype=g.dtype, axis=0) * g
+      parts = parts.reshape(tuple(wd) + g.shape)  # [w0, .., wd, n0, .., nd]
+      d = g.ndim
+      perm = [i for j in range(d) for i in (d + j, j)]  # interleave: [n0, w0, n1, w1, ..]
+      full = parts.transpose(perm).reshape([n * w for n, w in zip(g.shape, wd)])
+      full = jax.lax.pad(full, jnp.zeros((), g.dtype), [(0, p - f, 0) for p, f in zip(padded, full.shape)])
+    else:
+      full = None
+      for k, off in enumerate(offsets):
+        part = jnp.where(winner == k, g, jnp.zeros((), g.dtype))
+        placed = jax.lax.pad(part, jnp.zeros((), g.dtype),
+                             [(o, p - o - (n - 1) * s - 1, s - 1) for o, p, n, s in zip(off, padded, g.shape, ws)])
+        full = placed if full is None else full + placed
+    lows = [lo for lo, _ in pad]
+    return (jax.lax.slice(full, lows, [lo + n for lo, n in zip(lows, x_shape)]),)
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
 @jax.custom_batching.custom_vmap
 def _zero_after(v):
   """`0 * v`: a zero that XLA cannot compute before `v` exists (see `_layer_op`'s backward)."""
@@ -698,6 +749,8 @@ def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   if unit.kind in ("activation", "norm") and rule.mode == "pass" and not unit.relu_only:
     consts = [jax.lax.stop_gradient(read_grad(d)) for d in unit.data_ins[1:]] + [read(c) for c in unit.const_ins]
     return _identity_op(unit)(read_grad(unit.data_ins[0]), consts, rule.epsilon)
+  if rule.mode == "gradient" and _is_plain_max_pool(unit):
+    return [_max_pool_op(unit.main, p.program.avals[unit.data_ins[0]].shape)(read_grad(unit.data_ins[0]))]
   if rule.mode in ("gradient", "pass"):
     return _replay_unit(unit, read, read_grad)
   if rule.mode == "rescale":
@@ -729,6 +782,14 @@ def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   is_box = isinstance(rule, ZBox)
   bounds = _bounds(p, unit, rule, env) if is_box else ()
   return [_layer_op(unit, rule, is_box, relu)(x, consts, jax.tree_util.tree_leaves(rule), bounds)]
+
+
+def _is_plain_max_pool(unit: Unit) -> bool:
+  """A lone undilated `reduce_window_max` on floats (see `_max_pool_op`)."""
+  e = unit.main
+  return (unit.kind == "max_pool" and unit.eqns == [e] and e.prim_name == "reduce_window_max"
+          and all(d == 1 for d in e.params["base_dilation"] + e.params["window_dilation"])
+          and jnp.issubdtype(e.out_avals[0].dtype, jnp.floating))
 
 
 def _split_shape_tail(eqns: list) -> tuple[list, list]:

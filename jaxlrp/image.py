@@ -1,8 +1,8 @@
 """Heatmaps for relevance: diverging colour maps centred at zero, overlays, grids, PNG output, and token heatmaps.
 
 Everything here is plain NumPy on the host (JAX arrays are converted with ``np.asarray``), so rendering never
-triggers compilation. Only :func:`save_png` and :func:`render_text` need an optional dependency (Pillow, from the
-``plots`` extra).
+triggers compilation. Only :func:`save_png`, :func:`show` (inline display in notebooks) and :func:`render_text`
+need an optional dependency (Pillow, from the ``plots`` extra).
 
 Layouts: a single map is ``HW`` or ``HWC``; a batch is ``NHWC``. The channel axis, where there is one, is last.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-  "COLORMAPS", "colormap", "heatmap", "overlay", "grid", "save_png",
+  "COLORMAPS", "colormap", "heatmap", "overlay", "grid", "save_png", "Picture", "show",
   "TextHeatmap", "text_heatmap", "token_relevance", "save_html", "render_text",
 ]
 
@@ -274,6 +274,31 @@ def grid(
   return out
 
 
+def _to_uint8(array, owner: str) -> np.ndarray:
+  """`HW` / `HWC` (1, 3 or 4 channels) floats in [0, 1] or uint8 -> a contiguous uint8 array Pillow accepts."""
+  array = np.asarray(array)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+    raise ValueError(f"{owner} expects HW or HWC with 1, 3 or 4 channels, got shape {array.shape}.")
+  if array.dtype != np.uint8:
+    if array.dtype.kind not in "fb" and not array.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes too
+      raise ValueError(f"{owner} expects floats in [0, 1] or uint8, got dtype {array.dtype}.")
+    array = np.round(np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+  return np.ascontiguousarray(array)
+
+
+def _pil(owner: str):
+  try:
+    from PIL import Image
+  except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+      f"jaxlrp.image.{owner} needs Pillow. Install it with the plots extra: pip install \"jaxlrp[plots]\" "
+      "(or pip install pillow)."
+    ) from err
+  return Image
+
+
 def save_png(array, path: str | os.PathLike) -> Path:
   """Writes an image array to a PNG file (needs Pillow: ``pip install "jaxlrp[plots]"``).
 
@@ -292,26 +317,64 @@ def save_png(array, path: str | os.PathLike) -> Path:
     >>> path.name, path.stat().st_size > 0
     ('eye.png', True)
   """
-  try:
-    from PIL import Image
-  except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError(
-      "jaxlrp.image.save_png needs Pillow. Install it with the plots extra: pip install \"jaxlrp[plots]\" "
-      "(or pip install pillow)."
-    ) from err
-  array = np.asarray(array)
-  if array.ndim == 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-    raise ValueError(f"save_png expects HW or HWC with 1, 3 or 4 channels, got shape {array.shape}.")
-  if array.dtype != np.uint8:
-    if array.dtype.kind not in "fb" and not array.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes too
-      raise ValueError(f"save_png expects floats in [0, 1] or uint8, got dtype {array.dtype}.")
-    array = np.round(np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+  array = _to_uint8(array, "save_png")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG", optimize=True)
+  _pil("save_png").fromarray(array).save(path, format="PNG", optimize=True)
   return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Picture:
+  """An image shown inline by Jupyter (its `_repr_png_`), made by :func:`show`.
+
+  Attributes:
+    pixels: the ``HW`` or ``HWC`` uint8 array.
+  """
+
+  pixels: np.ndarray
+
+  def png(self) -> bytes:
+    """The PNG encoding of :attr:`pixels`."""
+    import io
+
+    buffer = io.BytesIO()
+    _pil("show").fromarray(self.pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+  def _repr_png_(self) -> bytes:  # Jupyter renders this inline
+    return self.png()
+
+  def save(self, path: str | os.PathLike) -> Path:
+    """Writes the picture to a PNG file (as :func:`save_png`)."""
+    return save_png(self.pixels, path)
+
+
+def show(array, *, scale: int = 1) -> Picture:
+  """An image array (a heatmap, an overlay, a grid) as a :class:`Picture` that notebooks display inline.
+
+  The last expression of a Jupyter cell is rendered; elsewhere call ``IPython.display.display(show(...))``.
+  Needs Pillow to encode the PNG (the ``plots`` extra).
+
+  Args:
+    array: ``HW``, ``HWC`` with 1, 3 or 4 channels; floats in ``[0, 1]`` or uint8 (e.g. from :func:`heatmap`,
+      :func:`overlay` or :func:`grid`).
+    scale: an integer upsampling factor (nearest neighbour), for small maps such as 8 x 8 digits.
+
+  Example:
+    >>> import numpy as np
+    >>> from jaxlrp import image
+    >>> picture = image.show(image.heatmap(np.eye(4) - 0.5), scale=8)
+    >>> picture.pixels.shape, picture.pixels.dtype
+    ((32, 32, 3), dtype('uint8'))
+    >>> picture._repr_png_()[:4]
+    b'\\x89PNG'
+  """
+  if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+    raise ValueError(f"show: scale must be an int >= 1, got {scale!r}.")
+  pixels = _to_uint8(array, "show")
+  pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+  return Picture(pixels)
 
 
 # ---- text -------------------------------------------------------------------------------------------------------

@@ -139,3 +139,21 @@ def test_png_round_trip(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         image.save_png(np.zeros((2, 2), np.int32), tmp_path / "bad.png")
 
+
+
+def test_show_displays_the_scaled_pixels_as_png(tmp_path):
+  import io
+
+  from PIL import Image
+
+  rgb = image.heatmap(np.array([[1.0, -1.0], [0.0, 0.5]]))
+  picture = image.show(rgb, scale=3)
+  decoded = np.asarray(Image.open(io.BytesIO(picture._repr_png_())))
+  expected = np.round(np.repeat(np.repeat(rgb, 3, axis=0), 3, axis=1) * 255).astype(np.uint8)
+  np.testing.assert_array_equal(decoded, expected)
+  assert decoded[0, 0].tolist() == [255, 0, 0] and decoded[0, 5].tolist() == [0, 0, 255]  # red +, blue -
+  np.testing.assert_array_equal(np.asarray(Image.open(picture.save(tmp_path / "p.png"))), expected)
+  with pytest.raises(ValueError, match="scale"):
+    image.show(rgb, scale=0)
+  with pytest.raises(ValueError, match="channels"):
+    image.show(np.zeros((2, 2, 2)))
