@@ -278,6 +278,21 @@ def _lin_fn(unit: Unit, consts: dict, dtype) -> Callable:
   return lin
 
 
+def _varying_axes(v) -> frozenset:
+  """The manual mesh axes `v` varies over inside `shard_map` (empty elsewhere)."""
+  return frozenset(getattr(getattr(jax.typeof(v), "mat", None), "varying", None) or ())
+
+
+def _same_varying_axes(args: list) -> list:
+  """`args` cast to vary over the union of their manual axes: under `shard_map(check_vma=True)` a primitive needs
+  operands that agree, and `_affine` starts from fresh (non-varying) zeros and ones."""
+  axes = frozenset().union(*map(_varying_axes, args))
+  if not axes:
+    return args
+  return [a if _varying_axes(a) == axes else jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))), to="varying")
+          for a in args]
+
+
 def _affine(unit: Unit, consts: dict, u_shape, dtype):
   """The folded epilogue `z = u * s + t`: `t = E(0)`, `s = E(1) - t` (s is None when the epilogue only shifts)."""
 
@@ -290,7 +305,7 @@ def _affine(unit: Unit, consts: dict, u_shape, dtype):
         cur = bind_with(e, [cur])[0]
       else:
         args = [cur if a == cur_id else _cast(a.val if isinstance(a, Lit) else consts[a], dtype) for a in e.ins]
-        cur = bind_with(e, args)[0]
+        cur = bind_with(e, _same_varying_axes(args))[0]
       cur_id = e.outs[0]
     return cur
 
@@ -349,9 +364,15 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
     # ReLU would run during the forward pass, or be merged with the forward's own ReLU, and be held until the
     # backward reaches this layer (one more activation per layer). A zero taken from the cotangent makes them
     # wait for it.
-    after_g = _zero_after(jax.lax.stop_gradient(g.reshape(-1)[0].astype(cd)))
-    x = layer_input(u + after_g.astype(u.dtype)) if relu is not None else u
     env = dict(zip(const_ids, consts))
+    if _explicitly_sharded(g) and unit.weight is not None:
+      # Taking one element of a cotangent sharded over explicit mesh axes is a sharding error (and a collective):
+      # order by a barrier instead, which XLA CPU does not respect for memory but which is correct.
+      u, env[unit.weight], _ = jax.lax.optimization_barrier((u, env[unit.weight], jax.lax.stop_gradient(g)))
+      after_g = jnp.zeros((), cd)
+    else:
+      after_g = _zero_after(jax.lax.stop_gradient(g.reshape(-1)[0].astype(cd)))
+    x = layer_input(u + after_g.astype(u.dtype)) if relu is not None else u
     lin = _lin_fn(unit, env, cd)
     s, t = _affine(unit, env, unit.main.out_avals[0].shape, cd)
     xc = x.astype(cd)
@@ -419,6 +440,12 @@ def _max_pool_op(e, x_shape: tuple) -> Callable:
 
   op.defvjp(fwd, bwd)
   return op
+
+
+def _explicitly_sharded(v) -> bool:
+  """`v`'s type carries a sharding over explicit mesh axes (`jax.sharding.AxisType.Explicit`)."""
+  spec = getattr(getattr(jax.typeof(v), "sharding", None), "spec", None)
+  return spec is not None and any(entry is not None for entry in spec)
 
 
 @jax.custom_batching.custom_vmap

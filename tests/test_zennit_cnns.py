@@ -1,4 +1,4 @@
-"""Cross-check against Zennit 1.0 on real architectures: VGG-16-BN and ResNet-50 at 64 x 64 (batch 2).
+"""Cross-check against Zennit 1.0 on real architectures: VGG-16-BN and ResNet-50 at 64 x 64 (batch 2), full width.
 
 The torch models (``tests/crosscheck/zennit_cnns.py``) are in eval mode with randomised BatchNorm statistics and
 affine parameters (some BatchNorm scales negative). Zennit gets canonizers built from its public pieces
@@ -8,6 +8,11 @@ plain ``nn.relu(residual + y)`` and are handed to jaxlrp unmodified: jaxlrp must
 residual adds by itself and reproduce Zennit's numbers, ``max|R_jax - R_zennit| <= 1e-4 * max|R_zennit|``, for the
 five preset composites with argmax targets (Zennit's output relevance ``one_hot(t) * output``, jaxlrp's cotangent
 ``one_hot(t)``).
+
+Precision. VGG-16-BN runs in float32. The full-width ResNet-50 runs in float64 on both sides (torch ``.double()``,
+``jax.enable_x64``): in float32 the rounding through its 54 layers alone moves *each* library by up to
+5e-4 x max|R| from the exact (float64) result (Zennit's EpsilonPlus: 5.5e-4; jaxlrp's: 4e-5, its EpsilonGammaBox
+4.6e-4), so a float32 comparison measures rounding, not the rules. In float64 the two agree to about 1e-12.
 
 Needs the ``compare`` extra (``.ci/install-compare``). Run with ``-s`` to see the table of measured errors.
 """
@@ -42,7 +47,14 @@ import jaxlrp  # noqa: E402
 TOL = 1e-4  # max|R_jax - R_zennit| <= TOL * max|R_zennit|
 FORWARD_TOL = 1e-4  # max|y_a - y_b| <= FORWARD_TOL * max|y_b|: torch vs Flax, and Zennit's merged model vs torch
 
+DTYPES = {"vgg16_bn": np.float32, "resnet50": np.float64}  # see the module docstring
+
 _RESULTS: dict[tuple[str, str], float] = {}
+
+
+def precision(kind: str):
+    """The JAX precision context of `kind`'s comparison."""
+    return jax.enable_x64(DTYPES[kind] == np.float64)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,7 +77,15 @@ def _print_table():
 
 @functools.lru_cache(maxsize=None)
 def twin(kind: str) -> zc.CNNTwin:
-    return zc.make_cnn_twin(kind)
+    """The twin in `kind`'s precision (the torch model converted in place, the inputs cast)."""
+    tw = zc.make_cnn_twin(kind)
+    dtype = DTYPES[kind]
+    if dtype == np.float64:
+        tw.torch_model.double()
+        with precision(kind):
+            tw.variables = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), tw.variables)
+    tw.x_torch, tw.x_jax = tw.x_torch.astype(dtype), tw.x_jax.astype(dtype)
+    return tw
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,10 +131,13 @@ def jitted_vjp(kind: str, preset: str):
 def test_twin_forwards_agree(kind):
     tw = twin(kind)
     y_torch = torch_logits(kind)
-    y_jax = np.asarray(tw.flax_model.apply(tw.variables, jnp.asarray(tw.x_jax)))
+    with precision(kind):
+        y_jax = np.asarray(tw.flax_model.apply(tw.variables, jnp.asarray(tw.x_jax)))
+    assert y_jax.dtype == y_torch.dtype == DTYPES[kind]
     assert rel_err(y_jax, y_torch) <= FORWARD_TOL
     # the variables are exactly the tree linen would initialise
-    init = jax.eval_shape(tw.flax_model.init, jax.random.key(0), tw.x_jax)
+    with precision(kind):
+        init = jax.eval_shape(tw.flax_model.init, jax.random.key(0), tw.x_jax)
     assert jax.tree.structure(init) == jax.tree.structure(tw.variables)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, init, tw.variables)))
     # the models are not degenerate: some BatchNorm scales are negative, the samples have different argmax classes
@@ -163,9 +186,10 @@ def test_cases_discriminate(kind):
 def test_zennit_parity(kind, preset, record_property):
     tw = twin(kind)
     ref = zennit_ref(kind, preset)
-    x = jnp.asarray(tw.x_jax)
-    cot = jax.nn.one_hot(targets(kind), zc.NUM_CLASSES, dtype=jnp.float32)
-    out, rel = jitted_vjp(kind, preset)(tw.variables, x, cot)
+    with precision(kind):
+        x = jnp.asarray(tw.x_jax)
+        cot = jax.nn.one_hot(targets(kind), zc.NUM_CLASSES, dtype=x.dtype)
+        out, rel = jitted_vjp(kind, preset)(tw.variables, x, cot)
     assert rel_err(np.asarray(out), torch_logits(kind)) <= FORWARD_TOL
     rel = np.asarray(rel)
     assert rel.shape == x.shape and rel.dtype == x.dtype

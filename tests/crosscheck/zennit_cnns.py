@@ -35,7 +35,7 @@ BN_EPS = 1e-5  # torch.nn.BatchNorm2d's and flax.linen.BatchNorm's default
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 VGG_HIDDEN = 256  # classifier: flatten(512 x 2 x 2) -> 256 -> relu -> NUM_CLASSES
 RESNET50_STAGES = (3, 4, 6, 3)
-RESNET_WIDTH = 16  # base width (torchvision: 64); depth and Bottleneck structure are ResNet-50's
+RESNET_WIDTH = 64  # torchvision's base width: the full ResNet-50 (Bottleneck v1.5), 23.5 M parameters
 
 PRESETS = ("EpsilonPlus", "EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat")
 MODELS = ("vgg16_bn", "resnet50")
@@ -249,7 +249,9 @@ def zennit_composite(preset: str, x_torch: np.ndarray, canonizers: list | None):
     zen = zt.import_zennit()
     kwargs = {}
     if preset == "EpsilonGammaBox":
-        kwargs = dict(low=torch.full(x_torch.shape, zt.BOX_LOW), high=torch.full(x_torch.shape, zt.BOX_HIGH))
+        dtype = torch.from_numpy(np.asarray(x_torch[:0])).dtype  # the bounds in the input's precision
+        kwargs = dict(low=torch.full(x_torch.shape, zt.BOX_LOW, dtype=dtype),
+                      high=torch.full(x_torch.shape, zt.BOX_HIGH, dtype=dtype))
     return getattr(zen.composites, preset)(canonizers=canonizers, **kwargs)
 
 
