@@ -989,6 +989,61 @@ def random_logit(explain: Callable, x, target, *, num_classes: int, key, params=
   return fn(traced.consts, params, x, target, key)
 
 
+def input_invariance(explain: Callable, x, target, *, shift, params=None, shifted_params=None,
+                     similarity: Similarity = "pearson") -> jax.Array:
+  """Input invariance (Kindermans et al. 2019): the explanation of a model should not change when the input is
+  shifted by a constant `c` and the model's first layer compensates (its bias `b' = b - W c`), since the two models
+  compute the same function of the signal.
+
+  .. math::
+      s_b = \\mathrm{sim}\\big(E_{\\theta}(x_b, t_b),\\; E_{\\theta'}(x_b + c, t_b)\\big), \\qquad
+      f_{\\theta'}(x + c) = f_{\\theta}(x)
+
+  The gradient passes (1 for every sample); gradient x input and LRP rules that read the input (z-rules, LRP-0)
+  generally do not; rules with a reference point that moves with the shift (ZBox with shifted bounds) can.
+
+  References:
+    Kindermans, Hooker, Adebayo, Alber, Schütt, Dähne, Erhan and Kim 2019, "The (un)reliability of saliency
+    methods", in Explainable AI: Interpreting, Explaining and Visualizing Deep Learning, Springer.
+
+  Args:
+    explain: `explain(x, target) -> relevance`, or `explain(params, x, target)` when `params` is given.
+    x: inputs `[B, ...]`.
+    target: int or int array `[B]`.
+    shift: the constant `c`, broadcastable to `x`.
+    params: the original model's parameters (the first argument of `explain`), if any.
+    shifted_params: the compensated model's parameters (required with `params`); building them is model-specific
+      (e.g. `b' = b - c @ W` for a first dense layer `x @ W + b`).
+    similarity: `"pearson"` (default), `"spearman"`, `"cosine"` or a callable `(a, b) -> [B]`.
+
+  Returns:
+    `[B]`: the similarity of the two explanations per sample (1 for an input-invariant method).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxlrp import metrics
+    >>> w, b, c = jnp.array([[1.0, -1.0], [2.0, 1.0]]), jnp.zeros(2), jnp.array([1.0, 1.0])
+    >>> f = lambda p, x: x @ p["w"] + p["b"]
+    >>> grad = lambda p, x, t: jax.grad(lambda x: f(p, x)[:, t].sum())(x)
+    >>> gxi = lambda p, x, t: x * grad(p, x, t)
+    >>> p, p_shifted = {"w": w, "b": b}, {"w": w, "b": b - c @ w}
+    >>> x = jnp.array([[0.5, -2.0], [1.0, 3.0]])
+    >>> metrics.input_invariance(grad, x, 0, shift=c, params=p, shifted_params=p_shifted, similarity="cosine")
+    Array([1., 1.], dtype=float32)
+    >>> metrics.input_invariance(gxi, x, 0, shift=c, params=p, shifted_params=p_shifted, similarity="cosine")
+    Array([0.8682431, 0.9968153], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  if (params is None) != (shifted_params is None):
+    raise ValueError("input_invariance needs both params and shifted_params (the compensated model), or neither.")
+  sim = _similarity(similarity)
+  t = _targets(target, x.shape[0])
+  shifted = x + jnp.asarray(shift, x.dtype)
+  if params is None:
+    return sim(explain(x, t), explain(shifted, t))
+  return sim(explain(params, x, t), explain(shifted_params, shifted, t))
+
+
 # ---- complexity ----------------------------------------------------------------------------------------------------
 
 def _flat_abs(relevance):

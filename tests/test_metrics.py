@@ -463,3 +463,31 @@ def test_random_logit_matches_loop(tabular_case):
     sims = [scipy.stats.spearmanr(base[b], np.asarray(gxi(p, jnp.asarray(x), jnp.full(3, c)))[b])[0]
             for c in others]
     assert np.isclose(got[b], sims, rtol=1e-5, atol=1e-6).any(), (b, got[b], sims)
+
+
+def test_input_invariance_of_gradient_and_lrp_against_numpy():
+  # A first dense layer x @ W + b with ReLU, then a head; the shifted model's bias compensates: b' = b - c @ W.
+  rng = np.random.default_rng(3)
+  w1, b1, w2 = rng.normal(size=(5, 4)), rng.normal(size=4), rng.normal(size=(4, 3))
+  c = rng.normal(size=5)
+  x = rng.normal(size=(6, 5))
+  p = {k: jnp.asarray(v, jnp.float32) for k, v in dict(w1=w1, b1=b1, w2=w2).items()}
+  p_shift = dict(p, b1=jnp.asarray(b1 - c @ w1, jnp.float32))
+  f = lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]  # noqa: E731
+  t = np.array([0, 1, 2, 0, 1, 2])
+
+  def grad(p, x, t):
+    return jax.grad(lambda x: jnp.take_along_axis(f(p, x), t[:, None], 1).sum())(x)
+
+  gxi = lambda p, x, t: x * grad(p, x, t)  # noqa: E731
+  sims = {name: np.asarray(metrics.input_invariance(fn, x, t, shift=c, params=p, shifted_params=p_shift))
+          for name, fn in [("grad", grad), ("gxi", gxi)]}
+  # NumPy reference: both models have the same hidden pre-activation, so the gradient is the same W1 diag(mask) w2.
+  h = x @ w1 + b1
+  g = ((h > 0)[:, :, None] * w2[None])[np.arange(6), :, t] @ w1.T  # [B, 5]
+  ref_gxi = [np.corrcoef(x[b] * g[b], (x[b] + c) * g[b])[0, 1] for b in range(6)]
+  np.testing.assert_allclose(sims["grad"], 1.0, atol=1e-5)
+  np.testing.assert_allclose(sims["gxi"], ref_gxi, rtol=1e-4, atol=1e-5)
+  assert np.all(sims["gxi"] < 0.999)
+  with pytest.raises(ValueError, match="shifted_params"):
+    metrics.input_invariance(grad, x, t, shift=c, params=p)
