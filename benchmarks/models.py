@@ -18,6 +18,10 @@ plain torch twin (``benchmarks/torch_models.py``) is the same function: the stri
 stem's 3x3 max pool pad symmetrically by 1 (torch's ``padding=1``; ``'SAME'`` would pad (0, 1)). ``init`` gives
 the BatchNorms random running statistics and affine parameters (about a quarter of the scales negative).
 
+``LSTMClassifier`` is a one-layer LSTM over a sequence of feature vectors ``[batch, time, features]`` (linen
+``nn.RNN`` over ``nn.OptimizedLSTMCell``, i.e. a ``lax.scan`` over time), then a dense head on the last hidden state;
+``init_sequence`` draws its parameters and a random input with NumPy.
+
     >>> import jax
     >>> model = vgg16_small()
     >>> params, x = init(model, 0, batch=2, size=32)
@@ -239,3 +243,42 @@ def _is_norm_path(path) -> bool:
     """Whether a parameter path belongs to a BatchNorm module (linen names: ``BatchNorm_*``, ``bn_*``, ``norm_*``)."""
     parent = jax.tree_util.keystr(path[-2:-1])
     return any(tag in parent for tag in ("BatchNorm", "bn_", "norm_"))
+
+
+# ---- LSTM classifier (a lax.scan over time) -------------------------------------------------------------------
+
+class LSTMClassifier(nn.Module):
+    """``nn.RNN(nn.OptimizedLSTMCell(hidden))`` over ``[batch, time, features]``, a dense head on the last output."""
+
+    hidden: int = 256
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.RNN(nn.OptimizedLSTMCell(self.hidden, name="cell"), name="lstm")(x)
+        return nn.Dense(self.num_classes, name="head")(y[:, -1])
+
+
+def lstm(hidden: int = 256, num_classes: int = 10) -> LSTMClassifier:
+    """The LSTM classifier of the benchmarks (hidden width 256, 10 classes by default)."""
+    return LSTMClassifier(hidden=hidden, num_classes=num_classes)
+
+
+def init_sequence(model: nn.Module, seed: int, *, batch: int, length: int, features: int, dtype=jnp.float32):
+    """Random parameters and a random input ``[batch, length, features]`` (standard normal) for a sequence model.
+
+    Drawn with NumPy from ``seed`` in the shapes of ``model.init`` (an eager ``nn.RNN`` init compiles its own scan):
+    kernels normal with std ``sqrt(1 / fan_in)`` (tanh and sigmoid units, not ReLU), biases normal with std 0.1.
+    """
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, length, features)), dtype)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, length, features), dtype))
+
+    def draw(path, leaf):
+        if "kernel" in jax.tree_util.keystr(path[-1:]):
+            value = rng.standard_normal(leaf.shape) / np.sqrt(int(np.prod(leaf.shape[:-1])))
+        else:
+            value = rng.standard_normal(leaf.shape) * 0.1
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes), x

@@ -175,6 +175,7 @@ def run_zennit_subprocess(args, arrays: dict[str, Any], workdir: Path) -> dict[s
         "threads": args.torch_threads,
         "methods": [m for m in args.methods],
         "quiet": args.quiet,
+        "twin": getattr(args, "twin", None) or {"model": "resnet50"},  # torch_models.build_twin (run.py: VGG too)
     }
     (workdir / "config.json").write_text(json.dumps(config))
     env = dict(os.environ)
@@ -259,8 +260,8 @@ def torch_worker(config_path: str) -> None:
     methods = cfg["methods"]
 
     def build():
-        model = torch_models.TorchResNet50(num_classes=cfg["num_classes"], sum_module=zen.layer.Sum)
-        torch_models.load_flax_variables(model, variables)
+        model = torch_models.build_twin(cfg.get("twin", {"model": "resnet50"}), variables, cfg["num_classes"],
+                                        sum_module=zen.layer.Sum)
         for p in model.parameters():
             p.requires_grad_(False)
         return model
@@ -350,7 +351,7 @@ def torch_worker(config_path: str) -> None:
             "mkldnn": bool(mkldnn and mkldnn.is_available()),
             "torchvision": "stand-in" if zennit_twins.install_torchvision_standin() else "real",
         },
-        "model": "TorchResNet50 (benchmarks/torch_models.py), eval mode, the JAX side's variables, "
+        "model": f"{type(base).__name__} (benchmarks/torch_models.py), eval mode, the JAX side's variables, "
                  "parameters without requires_grad; residual adds via zennit.layer.Sum",
         "canonizer": "zennit.canonizers.SequentialMergeBatchNorm",
         "seed": "one_hot(target) * output",

@@ -13,6 +13,11 @@ Pass ``sum_module=zennit.layer.Sum`` so that Zennit's composites give the add th
 proportional split jaxlrp gives a residual ``add``); the default ``StackSum`` computes the same thing without
 importing Zennit.
 
+``TorchVGG`` is the twin of the linen ``models.VGG`` (3x3 convolutions with padding 1 and ReLU, 2x2 max pools, a
+flatten, ReLU dense layers); ``load_flax_vgg_variables`` permutes the first dense kernel's rows from the linen
+flatten order (h, w, c) to torch's (c, h, w). ``build_twin`` builds and loads either twin from a small spec, which is
+how the Zennit worker of ``benchmarks/resnet50.py`` (also used by ``benchmarks/run.py``) is told which network to run.
+
 Nothing here imports JAX (the Zennit side of ``benchmarks/resnet50.py`` runs in a process of its own).
 """
 
@@ -146,3 +151,81 @@ def load_flax_variables(model: TorchResNet50, variables: Mapping) -> TorchResNet
     _copy_(model.fc.weight, np.asarray(params["Dense_0"]["kernel"]).T)
     _copy_(model.fc.bias, params["Dense_0"]["bias"])
     return model.eval()
+
+
+# ---- VGG ---------------------------------------------------------------------------------------------------------
+
+VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class TorchVGG(nn.Module):
+    """VGG for NCHW inputs of ``size`` x ``size``: ``features`` (conv widths and "M" pools), flatten, ReLU dense
+    layers ``hidden``, then the logits (the layout of ``models.VGG``; VGG-16 by default)."""
+
+    def __init__(self, features: Sequence[int | str] = VGG16_FEATURES, hidden: Sequence[int] = (4096, 4096),
+                 num_classes: int = 1000, size: int = 224, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, side = in_channels, size
+        for spec in features:
+            if spec == "M":
+                layers.append(nn.MaxPool2d(2, stride=2))
+                side //= 2
+            else:
+                layers += [nn.Conv2d(channels, int(spec), 3, padding=1), nn.ReLU()]
+                channels = int(spec)
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        dense: list[nn.Module] = []
+        width = channels * side * side
+        for h in hidden:
+            dense += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        dense.append(nn.Linear(width, num_classes))
+        self.classifier = nn.Sequential(*dense)
+        self.last_feature_shape = (channels, side, side)
+
+    def forward(self, x):
+        return self.classifier(self.flatten(self.features(x)))
+
+
+@torch.no_grad()
+def load_flax_vgg_variables(model: TorchVGG, variables: Mapping) -> TorchVGG:
+    """Copy the linen ``models.VGG`` variables ``{"params": {"Conv_i": ..., "Dense_j": ...}}`` into ``model``; returns
+    it in eval mode. The first dense kernel's rows are reordered from (h, w, c) (linen flattens NHWC) to (c, h, w)."""
+    params = variables["params"]
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    denses = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    if len(convs) + len(denses) != len(params):
+        raise ValueError(f"{len(params)} Flax layers vs {len(convs)} + {len(denses)} torch layers")
+    for i, conv in enumerate(convs):
+        _conv_(conv, params[f"Conv_{i}"])
+        _copy_(conv.bias, params[f"Conv_{i}"]["bias"])
+    c, h, w = model.last_feature_shape
+    for j, dense in enumerate(denses):
+        kernel = np.asarray(params[f"Dense_{j}"]["kernel"])
+        if j == 0:  # rows (h, w, c) -> (c, h, w)
+            kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(c * h * w, -1)
+        _copy_(dense.weight, kernel.T)
+        _copy_(dense.bias, params[f"Dense_{j}"]["bias"])
+    return model.eval()
+
+
+def build_twin(spec: Mapping, variables: Mapping, num_classes: int,
+               sum_module: Callable[[], nn.Module] = StackSum) -> nn.Module:
+    """The torch twin described by ``spec``, loaded with the linen ``variables``, in eval mode.
+
+    ``spec``: ``{"model": "resnet50", "stages": [3, 4, 6, 3], "width": 64}`` (stages and width optional) or
+    ``{"model": "vgg", "features": [...], "hidden": [...], "size": 224}`` (all but the name optional).
+    """
+    name = spec.get("model", "resnet50")
+    if name == "resnet50":
+        model = TorchResNet50(stages=tuple(spec.get("stages", RESNET50_STAGES)), width=int(spec.get("width", 64)),
+                              num_classes=num_classes, sum_module=sum_module)
+        return load_flax_variables(model, variables)
+    if name == "vgg":
+        model = TorchVGG(features=tuple(spec.get("features", VGG16_FEATURES)),
+                         hidden=tuple(spec.get("hidden", (4096, 4096))), num_classes=num_classes,
+                         size=int(spec.get("size", 224)))
+        return load_flax_vgg_variables(model, variables)
+    raise ValueError(f"unknown twin model {name!r} (resnet50 or vgg)")
