@@ -18,5 +18,7 @@ from jaxlrp._rules import (
     AlphaBeta, ConstantStd, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, SignalTakeAll, Uniform, WSquare, ZBox,
     Zero, ZPlus, stabilize,
 )
+from jaxlrp import metrics  # noqa: E402,F401  (public submodule: jaxlrp.metrics)
+from jaxlrp._tune import TuneResult, tune  # noqa: E402  (after metrics: its default metric)
 
 __version__ = "0.1.0.dev0"
