@@ -62,24 +62,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import overhead, timing  # noqa: E402
+from examples.quickstart import CNN  # noqa: E402  (the quickstart's digits CNN)
 
 GOAL = 10.0
 CONFIGS = {"digits8": {"upsample": 1, "steps": 64, "model": "cnn"},
            "digits32": {"upsample": 4, "steps": 64, "model": "cnn"},
            "digits-mlp": {"upsample": 1, "steps": 64, "model": "mlp"}}
-
-
-class CNN(nn.Module):
-    """The quickstart CNN (examples/quickstart.py)."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(16, (3, 3))(x))
-        x = nn.relu(nn.Conv(32, (3, 3))(x))
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(64)(x))
-        return nn.Dense(10)(x)
 
 
 class MLP(nn.Module):

@@ -51,6 +51,9 @@ from sklearn.model_selection import train_test_split
 import jaxlrp
 from jaxlrp import metrics
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for examples.quickstart
+from examples.quickstart import CNN  # noqa: E402  (the quickstart's digits CNN)
+
 README_PLOT = Path("docs/images/evaluate_curves.png")
 README_TABLE = Path("benchmarks/results/evaluate.md")
 GAMMAS = [0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0]
@@ -60,19 +63,6 @@ DIGITS_BASELINES = ("mean", "zeros", "blur", "uniform")  # the first one is the 
 
 
 # ---- models and data -----------------------------------------------------------------------------------------------
-
-class CNN(nn.Module):
-  """examples/quickstart.py's CNN: two 3x3 convolutions with ReLU, 2x2 average pooling, a two-layer dense head."""
-
-  @nn.compact
-  def __call__(self, x):  # x: [B, 8, 8, 1] in [0, 1]
-    x = nn.relu(nn.Conv(16, (3, 3))(x))
-    x = nn.relu(nn.Conv(32, (3, 3))(x))
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(64)(x))
-    return nn.Dense(10)(x)
-
 
 class MLP(nn.Module):
   """Two hidden ReLU layers of 32 units on the 30 standardised features; two logits."""
