@@ -17,7 +17,7 @@ inside the implanted motif, for LRP and for gradient x input. Run from the repos
 Composite: ``EpsilonPlus`` (ZPlus on the convolution, Epsilon on the LSTM's and the head's dense layers, the LSTM's
 gates as constants, max-pooling winner-take-all). ZPlus keeps the positive evidence of the motif filters, which is
 what "where is the motif" asks for. ``EpsilonGammaBox(low=0, high=1)`` (ZBox on the convolution, the input's range) is
-printed too. The *Flat presets are not used: jaxlrp's First() also selects the LSTM's input layer inside the scan.
+printed too. The *Flat presets would put Flat on the convolution, spreading relevance evenly over each window.
 """
 
 import argparse

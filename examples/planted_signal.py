@@ -15,8 +15,9 @@ relevance is the planted token, for LRP and for gradient x input. Run from the r
 
 Composite: Epsilon on the dense layers (``Composite(("dense", Epsilon()))``; EpsilonPlus is the same map here, as the
 net has no convolutions), with the LSTM's gates as constants of the explanation (signal-take-all, jaxlrp's default,
-after Arras et al. 2017). The *Flat presets are not used: their Flat rule belongs on the first layer, which is inside
-the scan body here.
+after Arras et al. 2017). The *Flat presets would put Flat on the LSTM's input projection inside the scan body (the
+first layer at every step), which spreads each step's relevance evenly over the embedding: not what "which token"
+asks for.
 """
 
 import argparse

@@ -100,6 +100,12 @@ class Kind(Selector):
 class First(Selector):
   """The first layer(s) reached from the explained input: ops of `kinds` with no op of `kinds` before them.
 
+  Loops and branches count as they run, as in the unrolled program: a layer in a `lax.scan` body that reads a slice
+  of the explained input (the input projection `x_t @ W_x` of an RNN) is first at every step, and the layer after
+  the loop is not; a layer stack scanned over its weights whose carry starts as the input has its first layer at
+  iteration 0 only (jaxlrp runs that iteration outside the scan with its own rules); a layer reading the input in
+  each branch of a `cond` / `switch` is first in each.
+
   Example:
     >>> import jaxlrp
     >>> jaxlrp.Composite((jaxlrp.First(kinds=("conv",)), jaxlrp.ZBox(0.0, 1.0)))
@@ -122,6 +128,8 @@ class First(Selector):
 @dataclasses.dataclass(frozen=True)
 class Last(Selector):
   """The last layer(s) before the output: ops of `kinds` with no op of `kinds` after them.
+
+  Loops count as they run: in a scanned layer stack that ends the model, only the final iteration's layer is last.
 
   Example:
     >>> import jaxlrp

@@ -37,10 +37,11 @@ class Plan:
   rules: list  # Rule per unit
   out_tree: Any
   strict: bool
-  leaf_shapes: dict  # explained leaf id -> shape
-  children: dict  # scan/cond unit -> plans of its body / branches
+  leaf_shapes: dict  # relevance-form root id (an explained leaf; in a body an input) -> shape of the explained leaf
+  children: dict  # scan/cond unit -> plans of its body (one per stage plan, see `schedule`) / branches
   tapped: frozenset = frozenset()  # ids of intermediate values read out through taps (see `run`)
   tap_cotangent: bool = False  # taps add `d` (the gradient is the cotangent) instead of `v * d` (the relevance)
+  schedule: dict = dataclasses.field(default_factory=dict)  # scan unit -> [Stage]: which plan runs which iterations
 
   @functools.cached_property
   def analysis_sets(self) -> Any:
@@ -63,6 +64,17 @@ class Plan:
             reads.add(relu.data_ins[0])
       cache[r] = reads
     return cache[r]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stage:
+  """`count` consecutive iterations of a scan run with `plan`. A peeled stage (one iteration, run outside
+  `lax.scan`) is the first or last iteration when its rules differ from the other iterations': a scanned layer
+  stack whose carry starts as the explained input has its first layer (Flat, ZBox) at iteration 0 only."""
+
+  plan: Plan
+  count: int
+  peeled: bool = False
 
 
 # ---- planning -----------------------------------------------------------------------------------------------------
@@ -121,7 +133,9 @@ def plan(f: Callable, composite: Composite, args: Sequence, argnums, strict: boo
           f"For token ids, explain the embedding output instead (pass the embedded array as the argument), "
           f"or pass argnums for the float argument.")
   path_of = dict(zip(program.invars, paths))
-  result = _build(program, explained, path_of, strict, top=True)
+  positions = _Positions()
+  leaf_shapes = {i: tuple(program.avals[i].shape) for i in explained}
+  result = positions.root = _build(program, explained, path_of, strict, positions, True, leaf_shapes)
   result.out_tree = out_tree
   plans = list(_walk(result))
   ops = [op for q in plans for op in q.ops]
@@ -129,31 +143,19 @@ def plan(f: Callable, composite: Composite, args: Sequence, argnums, strict: boo
   for q in plans:
     q.rules = [next(rules) for _ in q.ops]
     _check_placement(q)
+  for q in plans:
+    _merge_stages(q)
   return result
 
 
-def _build(program, explained, path_of, strict, top=False) -> Plan:
+def _build(program, explained, path_of, strict, positions, relevance_inputs, leaf_shapes) -> Plan:
   """Analyses one program (the top level or a loop/branch body) and, recursively, the bodies it calls."""
-  analysis = analyse(program, explained, relevance_inputs=top)
-  first_cache: dict = {}
-  last_cache: dict = {}
-
-  def is_first(unit, kinds):
-    if kinds not in first_cache:
-      first_cache[kinds] = analysis.first_units(kinds)
-    return unit in first_cache[kinds]
-
-  def is_last(unit, kinds):
-    if kinds not in last_cache:
-      last_cache[kinds] = analysis.last_units(kinds)
-    return unit in last_cache[kinds]
-
+  analysis = analyse(program, explained, relevance_inputs=relevance_inputs)
   ops = [
       OpInfo(u.index, u.kind, u.name, _weight_path(analysis, u.weight, path_of), _jax.source_line(u.main),
-             functools.partial(is_first, u), functools.partial(is_last, u))
+             functools.partial(positions.is_first, u), functools.partial(positions.is_last, u))
       for u in analysis.units
   ]
-  leaf_shapes = {i: tuple(program.avals[i].shape) for i in explained}
   result = Plan(program, analysis, ops, [], None, strict, leaf_shapes, {})
   for e in analysis.loops:
     raise UnsupportedOpError(
@@ -161,36 +163,124 @@ def _build(program, explained, path_of, strict, top=False) -> Plan:
         f"while loops are not reverse-differentiable, so relevance cannot flow back through them. Fix: use "
         f"jax.lax.scan, or jax.lax.fori_loop with static (Python int) bounds, which lowers to a scan.")
   for unit in analysis.units:
-    if unit.kind in ("scan", "cond"):
-      result.children[unit] = _bodies(unit, analysis, path_of, strict)
+    if unit.kind == "cond":
+      result.children[unit] = _branches(unit, result, path_of, strict, positions)
+    elif unit.kind == "scan":
+      result.schedule[unit] = _scan_stages(unit, result, path_of, strict, positions)
+      result.children[unit] = _stage_plans(result.schedule[unit])
   return result
 
 
-def _bodies(unit: Unit, outer: Analysis, path_of: dict, strict: bool) -> list:
-  """Plans for the body of a scan (with the carries that become data) or for each branch of a cond."""
+def _body_inputs(outer: Plan, program, ins, path_of) -> tuple[dict, set, dict]:
+  """What a body's inputs inherit from the operands `ins` outside: parameter paths, the inputs in relevance form
+  (an operand in relevance form outside: the explained input or a slice of it) and their explained leaves' shapes."""
+  a = outer.analysis
+  paths = {program.invars[k]: p for k, x in enumerate(ins) if isinstance(x, int)
+           for p in [_weight_path(a, x, path_of)] if p is not None}
+  relevance = {program.invars[k] for k, x in enumerate(ins) if isinstance(x, int) and x in a.relevance_form}
+  shapes = {program.invars[k]: outer.leaf_shapes[a.explained_root(x)]
+            for k, x in enumerate(ins) if isinstance(x, int) and x in a.relevance_form}
+  return paths, relevance, shapes
+
+
+def _branches(unit: Unit, outer: Plan, path_of: dict, strict: bool, positions) -> list:
+  """A plan per branch of a cond; the branches' inputs are data (and in relevance form) as their operands are."""
   e = unit.main
-  ins = e.ins[1:] if unit.kind == "cond" else e.ins
-  is_data = [isinstance(a, int) and a in outer.data for a in ins]
-  outer_paths = {k: _weight_path(outer, a, path_of) for k, a in enumerate(ins) if isinstance(a, int)}
-  bodies = e.params["branches"] if unit.kind == "cond" else [e.params["jaxpr"]]
+  ins = e.ins[1:]
   plans = []
-  for body in bodies:
+  for body in e.params["branches"]:
     program = _jax.flatten_program(body, prefix=e.name_stack)
-    inner_paths = {program.invars[k]: p for k, p in outer_paths.items() if p is not None}
-    if unit.kind == "scan":  # a carry is data once the body makes it so: iterate to the fixpoint
-      nc, ncarry = e.params["num_consts"], e.params["num_carry"]
-      while True:
-        data = {program.invars[k] for k, d in enumerate(is_data) if d and _jax.is_float(program.avals[program.invars[k]])}
-        probe = analyse(program, list(data), relevance_inputs=False)
-        grown = [k for k in range(ncarry) if not is_data[nc + k] and isinstance(program.outvars[k], int)
-                 and program.outvars[k] in probe.data]
-        if not grown:
-          break
-        for k in grown:
-          is_data[nc + k] = True
-    explained = [v for v, d in zip(program.invars, is_data) if d and _jax.is_float(program.avals[v])]
-    plans.append(_build(program, explained, inner_paths, strict))
+    paths, relevance, shapes = _body_inputs(outer, program, ins, path_of)
+    explained = [v for v, a in zip(program.invars, ins) if isinstance(a, int) and a in outer.analysis.data
+                 and _jax.is_float(program.avals[v])]
+    plans.append(_build(program, explained, paths, strict, positions, relevance, shapes))
   return plans
+
+
+def _scan_stages(unit: Unit, outer: Plan, path_of: dict, strict: bool, positions) -> list:
+  """The stages of a scan: one plan for all iterations, and peeled first / last iterations where a carry could
+  make their rules differ (First() and input-layer rules at iteration 0 when the carry starts as data, Last() at
+  the final iteration). Peeled plans whose rules equal the others' are merged back after assignment."""
+  e = unit.main
+  a = outer.analysis
+  nc, ncarry, n = e.params["num_consts"], e.params["num_carry"], e.params["length"]
+  program = _jax.flatten_program(e.params["jaxpr"], prefix=e.name_stack)
+  is_data = [isinstance(x, int) and x in a.data for x in e.ins]
+  while True:  # a carry is data once the body makes it so: iterate to the fixpoint
+    data = {program.invars[k] for k, d in enumerate(is_data) if d and _jax.is_float(program.avals[program.invars[k]])}
+    probe = analyse(program, list(data), relevance_inputs=False)
+    grown = [k for k in range(ncarry) if not is_data[nc + k] and isinstance(program.outvars[k], int)
+             and program.outvars[k] in probe.data]
+    if not grown:
+      break
+    for k in grown:
+      is_data[nc + k] = True
+  explained = [v for v, d in zip(program.invars, is_data) if d and _jax.is_float(program.avals[v])]
+  paths, relevance, shapes = _body_inputs(outer, program, e.ins, path_of)
+  carries = set(program.invars[nc:nc + ncarry])
+  steady_relevance = relevance - carries  # later iterations read the carry from the body: gradient form
+
+  def build(rel):
+    return _build(program, explained, paths, strict, positions, rel, shapes)
+
+  if n <= 1:  # the one iteration (if any) is both the first and the last
+    return [Stage(build(relevance if n == 1 else steady_relevance), n)]
+  data_carry = [k for k in range(ncarry) if is_data[nc + k]]
+  stages = [Stage(build(steady_relevance), n)]
+  if any(isinstance(e.ins[nc + k], int) and e.ins[nc + k] in a.data for k in data_carry):
+    stages = [Stage(build(relevance), 1, True), Stage(stages[0].plan, n - 1)]
+  if data_carry:
+    stages[-1:] = [Stage(stages[-1].plan, stages[-1].count - 1), Stage(build(steady_relevance), 1, True)]
+  return stages
+
+
+def _stage_plans(stages: list) -> list:
+  """The distinct plans of a scan's stages, in the order they run (what `_walk` and `show_rules` list)."""
+  plans = []
+  for s in stages:
+    if not any(s.plan is q for q in plans):
+      plans.append(s.plan)
+  return plans
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+  """Two plans of one body that compute the same: the same units and rules, recursively.
+
+  Plans of one body differ in the inputs they take in relevance form. That alone changes no number: ops of an input
+  region that only move or scale values pass relevance as their gradient does, and a shift (x - m) makes a norm
+  unit where the input is in gradient form, which the unit comparison sees."""
+  if a is b:
+    return True
+  ua, ub = a.analysis.units, b.analysis.units
+  if (len(ua) != len(ub)
+      or any(x.main is not y.main or x.kind != y.kind or len(x.eqns) != len(y.eqns) for x, y in zip(ua, ub))
+      or any(r is not s for r, s in zip(a.rules, b.rules))):
+    return False
+  for x, y in zip(ua, ub):
+    if x.kind == "cond" and not all(_same_plan(p, q) for p, q in zip(a.children[x], b.children[y])):
+      return False
+    if x.kind == "scan":
+      sa, sb = a.schedule[x], b.schedule[y]
+      if len(sa) != len(sb) or any(s.count != t.count or s.peeled != t.peeled or not _same_plan(s.plan, t.plan)
+                                   for s, t in zip(sa, sb)):
+        return False
+  return True
+
+
+def _merge_stages(p: Plan) -> None:
+  """Runs peeled iterations whose plan computes the same as the other iterations' inside the one `lax.scan`."""
+  for unit, stages in p.schedule.items():
+    steady = next((s.plan for s in stages if not s.peeled), stages[0].plan)
+    merged: list = []
+    for s in stages:
+      if s.peeled and _same_plan(s.plan, steady):
+        s = Stage(steady, 1)
+      if merged and not s.peeled and not merged[-1].peeled and merged[-1].plan is s.plan:
+        merged[-1] = Stage(s.plan, merged[-1].count + s.count)
+      else:
+        merged.append(s)
+    p.schedule[unit] = [s for s in merged if s.count or len(merged) == 1]
+    p.children[unit] = _stage_plans(p.schedule[unit])
 
 
 def _walk(p: Plan):
@@ -198,6 +288,133 @@ def _walk(p: Plan):
   for children in p.children.values():
     for child in children:
       yield from _walk(child)
+
+
+# ---- First() / Last() across loop and branch bodies ---------------------------------------------------------------
+
+class _Positions:
+  """First()/Last() facts over a plan and its bodies, computed per `kinds` when a selector first asks.
+
+  A layer in a loop body is first when it reads a slice of the explained input (every x_t @ W_x of an RNN, as in
+  the unrolled loop) or a carry that starts as the explained input, at that carry's first iteration only (a
+  scanned layer stack); a scan or cond whose body holds a layer counts as one for what comes after it."""
+
+  def __init__(self):
+    self.root: Plan | None = None
+    self._first: dict = {}
+    self._last: dict = {}
+
+  def is_first(self, unit: Unit, kinds) -> bool:
+    if kinds not in self._first:
+      self._first[kinds] = _firsts(self.root, kinds, None, ())[0]
+    return unit in self._first[kinds]
+
+  def is_last(self, unit: Unit, kinds) -> bool:
+    if kinds not in self._last:
+      self._last[kinds] = _lasts(self.root, kinds, ())[0]
+    return unit in self._last[kinds]
+
+
+def _firsts(p: Plan, kinds, fresh, reached) -> tuple[set, set, set]:
+  """First layers in `p` and its bodies, given the marks of its inputs (see `Analysis.first_units`)."""
+  nested: set = set()
+
+  def through(unit, fresh, reached):
+    f, r, found = _control_firsts(p, unit, kinds, fresh, reached)
+    nested.update(found)
+    return f, r
+
+  firsts, fresh, reached = p.analysis.first_units(kinds, fresh, reached, through)
+  return firsts | nested, fresh, reached
+
+
+def _control_firsts(p: Plan, unit: Unit, kinds, fresh: set, reached: set) -> tuple[set, set, set]:
+  """The marks of a scan's or cond's outputs and the first layers in its bodies (the final pass of each)."""
+  e, found = unit.main, set()
+  if unit.kind == "cond":
+    out_f, out_r = set(), set()
+    for q in p.children[unit]:
+      f_in = {v for v, x in zip(q.program.invars, e.ins[1:]) if x in fresh}
+      r_in = {v for v, x in zip(q.program.invars, e.ins[1:]) if x in reached}
+      firsts, f, r = _firsts(q, kinds, f_in, r_in)
+      found |= firsts
+      out_f.update(o for o, v in zip(e.outs, q.program.outvars) if v in f)
+      out_r.update(o for o, v in zip(e.outs, q.program.outvars) if v in r)
+    return out_f, out_r, found
+  nc, ncarry = e.params["num_consts"], e.params["num_carry"]
+  in_f = [isinstance(x, int) and x in fresh for x in e.ins]
+  in_r = [isinstance(x, int) and x in reached for x in e.ins]
+  carry_f, carry_r = in_f[nc:nc + ncarry], in_r[nc:nc + ncarry]
+  ys_f = ys_r = [False] * (len(e.outs) - ncarry)
+  for stage in p.schedule[unit]:
+    if not stage.count:
+      continue
+    q = stage.plan
+    while True:  # over many iterations a carry holds what it starts with and what the body makes of it
+      marks_f = in_f[:nc] + carry_f + in_f[nc + ncarry:]
+      marks_r = in_r[:nc] + carry_r + in_r[nc + ncarry:]
+      firsts, f, r = _firsts(q, kinds, {v for v, m in zip(q.program.invars, marks_f) if m},
+                             {v for v, m in zip(q.program.invars, marks_r) if m})
+      out_f = [v in f for v in q.program.outvars]
+      out_r = [v in r for v in q.program.outvars]
+      grown_f = [x or y for x, y in zip(carry_f, out_f)]
+      grown_r = [x or y for x, y in zip(carry_r, out_r)]
+      if stage.count == 1 or (grown_f, grown_r) == (carry_f, carry_r):
+        break
+      carry_f, carry_r = grown_f, grown_r
+    found |= firsts
+    carry_f, carry_r = out_f[:ncarry], out_r[:ncarry]
+    ys_f = [x or y for x, y in zip(ys_f, out_f[ncarry:])]
+    ys_r = [x or y for x, y in zip(ys_r, out_r[ncarry:])]
+  out_f = {o for o, m in zip(e.outs, carry_f + ys_f) if m}
+  out_r = {o for o, m in zip(e.outs, carry_r + ys_r) if m}
+  return out_f, out_r, found
+
+
+def _lasts(p: Plan, kinds, feeds) -> tuple[set, set]:
+  """Last layers in `p` and its bodies, given which of its outputs feed a layer after it."""
+  nested: set = set()
+
+  def through(unit, feeds):
+    ins, found = _control_lasts(p, unit, kinds, feeds)
+    nested.update(found)
+    return ins
+
+  lasts, feeds = p.analysis.last_units(kinds, feeds, through)
+  return lasts | nested, feeds
+
+
+def _control_lasts(p: Plan, unit: Unit, kinds, feeds: set) -> tuple[set, set]:
+  """The operands of a scan or cond that feed a layer (in its bodies or after it), and the last layers inside."""
+  e, found = unit.main, set()
+  out_feed = [o in feeds for o in e.outs]
+  if unit.kind == "cond":
+    ins = set()
+    for q in p.children[unit]:
+      lasts, f = _lasts(q, kinds, {v for v, m in zip(q.program.outvars, out_feed) if m and isinstance(v, int)})
+      found |= lasts
+      ins.update(x for x, v in zip(e.ins[1:], q.program.invars) if v in f)
+    return ins, found
+  nc, ncarry = e.params["num_consts"], e.params["num_carry"]
+  carry_feed, ys_feed = out_feed[:ncarry], out_feed[ncarry:]
+  fixed = [False] * len(e.ins)
+  for stage in reversed(p.schedule[unit]):
+    if not stage.count:
+      continue
+    q = stage.plan
+    while True:  # before the final iteration, a carry feeds what the next iteration feeds it into
+      marks = carry_feed + ys_feed
+      lasts, f = _lasts(q, kinds, {v for v, m in zip(q.program.outvars, marks) if m and isinstance(v, int)})
+      in_feed = [v in f for v in q.program.invars]
+      grown = [x or y for x, y in zip(carry_feed, in_feed[nc:nc + ncarry])]
+      if stage.count == 1 or grown == carry_feed:
+        break
+      carry_feed = grown
+    found |= lasts
+    carry_feed = in_feed[nc:nc + ncarry]
+    fixed = [x or y for x, y in zip(fixed, in_feed)]
+  marks = fixed[:nc] + carry_feed + fixed[nc + ncarry:]
+  return {x for x, m in zip(e.ins, marks) if m and isinstance(x, int)}, found
 
 
 def _where(op: OpInfo) -> str:
@@ -606,30 +823,58 @@ def _unsupported_message(eqn, reason: str) -> str:
 
 def _bounds(p: Plan, unit: Unit, rule: ZBox, env: dict):
   """ZBox bounds mapped from the explained input's units through the input region to the layer's input."""
-  a = p.analysis
-  target = unit.data_ins[0]
-  root = a.explained_root(target)
-  chain = a.region_chain(target)
-  dtype = p.program.avals[root].dtype
-  mapped = []
-  for bound in (rule.low, rule.high):
-    local = collections.ChainMap({}, env)
-    local[root] = jnp.broadcast_to(jnp.asarray(bound, dtype), p.leaf_shapes[root])
-    mapped.append(_replay(chain, local)[target])
+  mapped = [_mapped_bound(p, env, unit.data_ins[0], bound) for bound in (rule.low, rule.high)]
   return jnp.minimum(*mapped), jnp.maximum(*mapped)
 
 
-def run(p: Plan, flat_args: Sequence, taps: dict | None = None, outputs: Sequence | None = None) -> list:
+def _mapped_bound(p: Plan, env, target: int, bound):
+  """A ZBox bound given in the explained input's units, mapped through the input region to the value `target`.
+
+  At the top level the bound is broadcast to the explained leaf; in a body the enclosing scan or cond passes it
+  already mapped to the body's input (under the key `("bound", input id, id(bound))`, see `_child_bounds`)."""
+  a = p.analysis
+  root = a.explained_root(target)
+  local = collections.ChainMap({}, env)
+  start = env.get(("bound", root, id(bound)))
+  if start is None:
+    start = jnp.broadcast_to(jnp.asarray(bound, p.program.avals[root].dtype), p.leaf_shapes[root])
+  local[root] = start
+  return _replay(a.region_chain(target), local)[target]
+
+
+def _child_bounds(p: Plan, env, children: list, ins: list) -> dict:
+  """The ZBox bounds used in `children` (bodies whose input k reads the operand `ins[k]`) mapped to the operands
+  in relevance form: {k: {id(bound): value}} (empty without ZBox rules)."""
+  bounds = {id(b): b for q in children for c in _walk(q) for r in c.rules if isinstance(r, ZBox)
+            for b in (r.low, r.high)}
+  if not bounds:
+    return {}
+  rf = p.analysis.relevance_form
+  return {k: {i: _mapped_bound(p, env, x, b) for i, b in bounds.items()}
+          for k, x in enumerate(ins) if isinstance(x, int) and x in rf}
+
+
+def _bound_keys(q: Plan, mapped: dict) -> dict:
+  """`_child_bounds` values for the inputs of `q` in relevance form, keyed for `run`'s environment."""
+  rf, invars = q.analysis.relevance_form, q.program.invars
+  return {("bound", invars[k], i): v for k, d in mapped.items() if invars[k] in rf for i, v in d.items()}
+
+
+def run(p: Plan, flat_args: Sequence, taps: dict | None = None, outputs: Sequence | None = None,
+        bounds: dict | None = None) -> list:
   """Evaluates the planned program on `flat_args` with rule ops bound in place of the recognised units.
 
   `taps` maps ids of `p.tapped` to zero arrays `d`: the value `v` continues as `v + v * d` (the same numbers), so
   the gradient with respect to `d` is `v` times the cotangent at `v`: its relevance (with `p.tap_cotangent`,
   `v + d`: the gradient is the cotangent itself). `outputs` replaces the program's outputs by other ids (the
-  part of the program below an intermediate value).
+  part of the program below an intermediate value). `bounds`: ZBox bounds of a body's inputs (`_bound_keys`).
+  Inputs in the analysis' relevance form are taken as they are (their cotangent is relevance); the outputs are
+  returned in gradient form.
   """
   prog, a = p.program, p.analysis
   env: dict = dict(zip(prog.constvars, prog.consts))
   env.update(zip(prog.invars, flat_args))
+  env.update(bounds or {})
   # Data-independent equations first (parameters, biases, masks), so that every unit can be bound at its first
   # equation: a unit's other inputs are then all available, whatever order the program computed them in.
   independent = [e for e in prog.eqns if e in a.live and e not in a.depends_on_data]
@@ -728,28 +973,68 @@ def _region(p: Plan, r: _jax.Region, env, skip: set) -> dict:
   return jax.checkpoint(body, policy=r.params["policy"], prevent_cse=r.params["prevent_cse"])()
 
 
-def _emit_control(p: Plan, unit: Unit, read, read_grad) -> list:
-  """Re-binds a scan or cond with bodies that run the interpreter (rules apply per step / per branch)."""
-  e, children = unit.main, p.children[unit]
-  args = [read_grad(a) if isinstance(a, int) else a.val for a in e.ins]
-  if unit.kind == "cond":
-    branches = [functools.partial(lambda c, *a: run(c, list(a)), c) for c in children]
-    return list(jax.lax.switch(args[0], branches, *args[1:]))
-  nc, ncarry = e.params["num_consts"], e.params["num_carry"]
-  consts, init, xs = args[:nc], args[nc:nc + ncarry], args[nc + ncarry:]
+def _emit_control(p: Plan, unit: Unit, env, read, read_grad) -> list:
+  """Re-binds a scan or cond with bodies that run the interpreter (rules apply per step / per branch).
 
-  def body(carry, x):
-    outs = run(children[0], consts + list(carry) + list(x))
+  Operands that a body takes in relevance form (slices of the explained input, for an input-layer rule on the
+  layer that reads them) go in as they are, so the cotangent the body returns for them is relevance; the others
+  go in gradient form. A scan runs its stages in order (`Stage`), peeled iterations outside `lax.scan`; only the
+  first stage's plan may take an initial carry in relevance form (each stage returns its carries in gradient form)."""
+  e, children = unit.main, p.children[unit]
+
+  def operand(k, q, ins):
+    x = ins[k]
+    if isinstance(x, Lit):
+      return x.val
+    return read(x) if q.program.invars[k] in q.analysis.relevance_form else read_grad(x)
+
+  if unit.kind == "cond":
+    ins = e.ins[1:]
+    args = [operand(k, children[0], ins) for k in range(len(ins))]
+    mapped = _child_bounds(p, env, children, ins)
+    branches = [functools.partial(lambda q, *a: run(q, list(a), bounds=_bound_keys(q, mapped)), q) for q in children]
+    return list(jax.lax.switch(read(e.ins[0]), branches, *args))
+  nc, ncarry = e.params["num_consts"], e.params["num_carry"]
+  n, reverse, unroll = e.params["length"], e.params["reverse"], e.params["unroll"]
+  stages = p.schedule[unit]
+  args = [operand(k, stages[0].plan, e.ins) for k in range(len(e.ins))]
+  consts, carry, xs = args[:nc], args[nc:nc + ncarry], args[nc + ncarry:]
+  mapped = _child_bounds(p, env, children, e.ins)
+  fixed = {k: d for k, d in mapped.items() if k < nc + ncarry}
+  sliced = {k: d for k, d in mapped.items() if k >= nc + ncarry}  # bounds of the xs: scanned along with them
+
+  def body(q, carry, x):
+    x, xb = x
+    outs = run(q, consts + list(carry) + list(x), bounds=_bound_keys(q, {**fixed, **xb}))
     return outs[:ncarry], outs[ncarry:]
 
-  carry, ys = jax.lax.scan(body, init, xs, length=e.params["length"], reverse=e.params["reverse"],
-                           unroll=e.params["unroll"])
-  return list(carry) + list(ys)
+  def scan(q, carry, xs, xb, length):
+    return jax.lax.scan(functools.partial(body, q), carry, (xs, xb), length=length, reverse=reverse, unroll=unroll)
+
+  if len(stages) == 1:
+    carry, ys = scan(stages[0].plan, carry, xs, sliced, n)
+    return list(carry) + list(ys)
+  parts, done = [], 0
+  for s in stages:
+    lo = done if not reverse else n - done - s.count  # the iterations of this stage cover xs[lo:lo + count]
+    pick = (lambda v, lo=lo: v[lo]) if s.peeled else (lambda v, lo=lo, m=s.count: v[lo:lo + m])
+    x_s, xb_s = [pick(x) for x in xs], {k: {i: pick(v) for i, v in d.items()} for k, d in sliced.items()}
+    if s.peeled:
+      carry, ys = body(s.plan, carry, (x_s, xb_s))
+      ys = [y[None] for y in ys]
+    else:
+      carry, ys = scan(s.plan, carry, x_s, xb_s, s.count)
+    parts.append(list(ys))
+    done += s.count
+  if reverse:
+    parts.reverse()
+  ys = [jnp.concatenate(col) if len(col) > 1 else col[0] for col in zip(*parts)]
+  return list(carry) + ys
 
 
 def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   if unit.kind in ("scan", "cond"):
-    return _emit_control(p, unit, read, read_grad)
+    return _emit_control(p, unit, env, read, read_grad)
   rule = p.rules[unit.index]
   if rule is None and not p.strict:
     return _replay_unit(unit, read, read_grad)

@@ -27,7 +27,7 @@ STRUCTURAL = frozenset(
         P.convert_element_type_p, P.rev_p, P.copy_p, P.gather_p, P.dynamic_slice_p, P.select_n_p,
         P.reduce_precision_p, P.dynamic_update_slice_p, P.sharding_constraint_p,
     )
-) | {"expand_dims", "device_put", "split"}
+) | {"expand_dims", "device_put", "split", "stack"}
 
 # Structural ops that may sit between the explained input and the first layer (input region).
 _PERMUTING = frozenset(
@@ -35,6 +35,7 @@ _PERMUTING = frozenset(
     for p in (
         P.reshape_p, P.transpose_p, P.broadcast_in_dim_p, P.slice_p, P.squeeze_p, P.convert_element_type_p,
         P.rev_p, P.copy_p, P.reduce_precision_p, P.sharding_constraint_p,
+        P.dynamic_slice_p,  # x[:, t] at a loop counter t (fori_loop over time steps)
     )
 ) | {"expand_dims", "device_put"}
 
@@ -116,25 +117,58 @@ class Analysis:
   nonneg: set
 
   # ---- position queries used by First()/Last() selectors --------------------------------------------------------
-  def first_units(self, kinds) -> set:
-    reached: set = set()  # ids downstream of a layer of `kinds`
+  def first_units(self, kinds, fresh=None, reached=(), through=None) -> tuple[set, set, set]:
+    """Layers of `kinds` computed from the explained input with no layer of `kinds` before them.
+
+    Values carry two marks: `fresh` (computed from the explained input without a layer of `kinds`; by default the
+    explained inputs) and `reached` (computed through such a layer). A layer is first when one of its data inputs
+    is fresh and none is reached; in a loop body an input can carry neither mark (a carry that starts as a
+    constant). `through(unit, fresh, reached)` gives the (fresh, reached) outputs of a scan or cond unit from its
+    bodies; without it such a unit passes the marks of its inputs to all its outputs.
+
+    Returns:
+      (firsts, fresh, reached): the first layers and the marked ids.
+    """
+    fresh = set(self.explained if fresh is None else fresh)
+    reached = set(reached)
     firsts = set()
-    for e in self._data_eqns():
+    for e in self.program.eqns:
+      if e not in self.live:
+        continue
       unit = self.unit_of.get(e)
-      ins_reached = any(isinstance(a, int) and a in reached for a in e.ins)
-      if unit is not None and unit.main is e and unit.kind in kinds:
-        if not any(d in reached for d in unit.data_ins):
+      if unit is not None and unit.main is e and unit.kind in ("scan", "cond") and through is not None:
+        f, r = through(unit, fresh, reached)
+        fresh.update(f)
+        reached.update(r)
+      elif unit is not None and unit.main is e and unit.kind in kinds:
+        if any(d in fresh for d in unit.data_ins) and not any(d in reached for d in unit.data_ins):
           firsts.add(unit)
         reached.update(e.outs)
-      elif ins_reached:
-        reached.update(e.outs)
-    return firsts
+      else:
+        ins = [a for a in e.ins if isinstance(a, int)]
+        if any(a in reached for a in ins):
+          reached.update(e.outs)
+        if any(a in fresh for a in ins):
+          fresh.update(e.outs)
+    return firsts, fresh, reached
 
-  def last_units(self, kinds) -> set:
-    feeds: set = set()  # ids upstream of a layer of `kinds`
+  def last_units(self, kinds, feeds=(), through=None) -> tuple[set, set]:
+    """Layers of `kinds` with no layer of `kinds` after them on the way to an output.
+
+    `feeds` are ids upstream of a layer of `kinds` outside this program (outputs of a loop body that the next
+    iteration or the code after the loop feeds into a layer). `through(unit, feeds)` gives the inputs of a scan or
+    cond unit that feed a layer, in its bodies or after it.
+
+    Returns:
+      (lasts, feeds): the last layers and the ids upstream of a layer of `kinds`.
+    """
+    feeds = set(feeds)
     lasts = set()
     for e in reversed(self._data_eqns()):
       unit = self.unit_of.get(e)
+      if unit is not None and unit.main is e and unit.kind in ("scan", "cond") and through is not None:
+        feeds.update(through(unit, feeds))
+        continue
       if unit is not None and unit.eqns[-1] is e and unit.kind in kinds:
         if not any(o in feeds for o in unit.outs):
           lasts.add(unit)
@@ -143,7 +177,7 @@ class Analysis:
         feeds.update(a for a in e.ins if isinstance(a, int))
       elif outs_feed or (unit is not None and any(o in feeds for o in unit.outs)):
         feeds.update(a for a in e.ins if isinstance(a, int))
-    return lasts
+    return lasts, feeds
 
   def _data_eqns(self):
     return [e for e in self.program.eqns if e in self.live and any(
@@ -214,9 +248,13 @@ def _is_relu(e: Eqn) -> bool:
   return False
 
 
-def analyse(program: Program, explained: list, relevance_inputs: bool = True) -> Analysis:
-  """Analyses `program` with the ids `explained` as data. With `relevance_inputs` (the top level) they start an
-  input region whose propagated quantity is relevance; in a loop or branch body they are ordinary data."""
+def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysis:
+  """Analyses `program` with the ids `explained` as data.
+
+  `relevance_inputs` names the explained ids that start an input region, whose propagated quantity is relevance:
+  `True` for all of them (the top level), or a collection of ids (in a loop or branch body: the inputs whose
+  operands outside are in relevance form, such as the slices of the explained input a scan iterates over); the
+  other explained ids are ordinary data."""
   avals = program.avals
   producer = {o: e for e in program.eqns for o in e.outs}
 
@@ -247,7 +285,8 @@ def analyse(program: Program, explained: list, relevance_inputs: bool = True) ->
     if any(isinstance(a, int) and a in dependent for a in e.ins):
       depends_on_data.add(e)
       dependent.update(e.outs)
-  relevance_form = {i for i in explained if is_float(avals[i])} if relevance_inputs else set()
+  starts = explained if relevance_inputs is True else (relevance_inputs or ())
+  relevance_form = {i for i in starts if i in data}
   input_region: list = []
   units: list = []
   unit_of: dict = {}
@@ -539,8 +578,9 @@ def _per_feature_scale(unit: Unit, avals):
 
 
 _NONNEG_PRESERVING = frozenset({"reshape", "transpose", "broadcast_in_dim", "slice", "squeeze", "expand_dims",
-                                "convert_element_type", "rev", "copy", "concatenate", "gather", "dynamic_slice",
-                                "reduce_max", "reduce_window_max", "reduce_precision", "sharding_constraint"})
+                                "convert_element_type", "rev", "copy", "concatenate", "stack", "gather",
+                                "dynamic_slice", "reduce_max", "reduce_window_max", "reduce_precision",
+                                "sharding_constraint"})
 
 
 def _positive_literal_scale(unit: Unit) -> bool:

@@ -276,3 +276,18 @@ def test_batchnorm_in_training_mode_is_rejected_with_the_fix():
   with pytest.raises(jaxlrp.UnsupportedOpError, match=r"(?s)Net/BatchNorm_0.*training mode.*use_running_average=True"):
     g(variables, x)
   relevance(Net(train=False).apply, jaxlrp.EpsilonPlus(), variables, x)  # inference mode is fine
+
+
+def test_stack_passes_relevance_like_concatenate():
+  # jnp.stack is its own primitive in this JAX release; relevance must pass through it as through concatenate.
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+  stacked = lambda w, x: jax.nn.relu(jnp.stack([x @ w, 2.0 * (x @ w)], axis=1)).sum(1)  # noqa: E731
+  concat = lambda w, x: jax.nn.relu(  # noqa: E731
+      jnp.concatenate([(x @ w)[:, None], (2.0 * (x @ w))[:, None]], axis=1)).sum(1)
+  r = {name: jax.grad(lambda x: jaxlrp.lrp(f, jaxlrp.EpsilonPlus(), argnums=1)(w, x)[:, 0].sum())(x)
+       for name, f in [("stack", stacked), ("concat", concat)]}
+  np.testing.assert_allclose(r["stack"], r["concat"], rtol=1e-6, atol=1e-7)
+  # LRP-0 (Epsilon on the dense layer): the relevance sums to the score 3 * relu(x @ w)[:, 0].
+  np.testing.assert_allclose(r["stack"].sum(1), 3.0 * np.maximum(np.asarray(x @ w)[:, 0], 0), rtol=1e-4, atol=1e-5)

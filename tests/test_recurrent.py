@@ -3,7 +3,9 @@
 1. LSTM and GRU cells written several ways (flax linen cells under `nn.RNN`, flax nnx cells under `nnx.RNN`,
    hand-written cells under `lax.scan`, a conv front-end before a linen LSTM, a linen ConvLSTM) give the same relevance
    as their unrolled twin (the same weights, a Python loop over time steps calling the same cell), for every preset;
-   so do a linen `nn.scan` layer stack and a `lax.fori_loop`. The forward of `lrp(f)` is `f` bit for bit.
+   so do a linen `nn.scan` layer stack and a `lax.fori_loop`. The forward of `lrp(f)` is `f` bit for bit. The Flat
+   and ZBox presets put their input-layer rule where the twin has it: on every step's input projection (each reads
+   a slice of the explained input), and on iteration 0 only of a layer stack whose carry starts as the input.
 2. Bias-free LSTMs and GRUs started from a zero carry conserve relevance under LRP-0 with the gates as constants
    (signal-take-all): sum R == score.
 3. `lax.cond` / `lax.switch` give each branch the rules it gets when run alone.
@@ -16,10 +18,9 @@ Where a scan and its unrolled twin differ, the difference is tested or marked:
   has a sign-split rule (the ConvLSTM's input conv under ZPlus or AlphaBeta), the folded recurrent bias enters the
   rule's b+ / b- terms in the twin only: step 0 then differs by 29% (EpsilonPlus) and 12% (EpsilonAlpha2Beta1) of
   max|R|, so the ConvLSTM is compared at step 0 with Epsilon on its convs.
-- Strict xfails, each with a minimal reproducer: First() and input-layer rules (Flat, ZBox) across scan/cond bodies;
-  a bias added after a split of a layer output is not absorbed; a sigmoid gate times a constant (GRU step 0 with
-  b_hn != 0) is not a gate. The styles below avoid the last two (bias placement, zero b_hn) so that everything else
-  is compared at 1e-5.
+- Strict xfails, each with a minimal reproducer: a bias added after a split of a layer output is not absorbed; a
+  sigmoid gate times a constant (GRU step 0 with b_hn != 0) is not a gate. The styles below avoid both (bias
+  placement, zero b_hn) so that everything else is compared at 1e-5.
 """
 
 import functools
@@ -44,12 +45,6 @@ PRESETS = {
   "EpsilonAlpha2Beta1Flat": jaxlrp.EpsilonAlpha2Beta1Flat(),
   "dense-Epsilon": jaxlrp.Composite(("dense", jaxlrp.Epsilon())),
 }
-FLAT = ("EpsilonPlusFlat", "EpsilonAlpha2Beta1Flat")
-# First() is evaluated per loop/branch body (a carry or a scanned slice counts as an input there) and, at the top level,
-# does not see the layers inside a loop: the Flat presets put Flat on the head after the loop or on a layer in the
-# body, and input-layer rules inside a body raise. Reproducer: test_first_layer_rule_through_a_scan.
-XFAIL_FIRST = pytest.mark.xfail(raises=jaxlrp.RulePlacementError, strict=True,
-                                reason="First()/input-layer rules across scan or cond bodies (see module docstring)")
 
 
 def relevance(f, composite, params, x):
@@ -249,26 +244,32 @@ def style(name):
 
 CONV_STYLES = ("conv-then-linen-LSTMCell", "linen-ConvLSTMCell")
 SAME_ON_DENSE = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonAlpha2Beta1", "dense-Epsilon")
+FLAT_ON_DENSE = ("EpsilonPlusFlat", "EpsilonAlpha2Beta1Flat")  # Epsilon on dense layers, Flat on the first ones
+SAME = {group[0]: group for group in (SAME_ON_DENSE, FLAT_ON_DENSE)}
+SKIPPED_ON_DENSE = SAME_ON_DENSE[1:] + FLAT_ON_DENSE[1:]
+
+
+def assert_same_rules(f, params, x, group):
+  rules = lambda c: [(r.kind, r.rule) for r in jaxlrp.show_rules(f, c, params, x, argnums=1, print_table=False)]
+  assert all(rules(PRESETS[q]) == rules(PRESETS[group[0]]) for q in group[1:])
 
 
 def _cases():
   for s in STYLES:
     for p in PRESETS:
-      # Without convolutions the four non-Flat presets are one map (Epsilon on dense layers; checked below): run one.
-      if s not in CONV_STYLES and p in SAME_ON_DENSE[1:]:
+      # Without convolutions the four non-Flat presets are one map (Epsilon on dense layers), and so are the two Flat
+      # presets (checked below): run one of each.
+      if s not in CONV_STYLES and p in SKIPPED_ON_DENSE:
         continue
-      # ZBox goes on the first conv: inside the scan body for the ConvLSTM.
-      bad = p in FLAT or (s == "linen-ConvLSTMCell" and p == "EpsilonGammaBox")
-      yield pytest.param(s, p, marks=XFAIL_FIRST if bad else (), id=f"{s}-{p}")
+      yield pytest.param(s, p, id=f"{s}-{p}")
 
 
 @pytest.mark.parametrize("style_name, preset", list(_cases()))
 def test_scan_equals_unrolled(style_name, preset):
   scanned, unrolled, params, x = style(style_name)
   composite = PRESETS[preset]
-  if style_name not in CONV_STYLES and preset == "EpsilonPlus":
-    rules = lambda c: [(r.kind, r.rule) for r in jaxlrp.show_rules(scanned, c, params, x, argnums=1, print_table=False)]
-    assert all(rules(PRESETS[q]) == rules(composite) for q in SAME_ON_DENSE[1:])
+  if style_name not in CONV_STYLES and preset in SAME:
+    assert_same_rules(scanned, params, x, SAME[preset])
   if preset == "EpsilonPlus":  # the forward does not depend on the rules: check it once per style
     np.testing.assert_array_equal(jaxlrp.lrp(scanned, composite, argnums=1)(params, x), scanned(params, x))
   r_scan, r_ref = relevance(scanned, composite, params, x), relevance(unrolled, composite, params, x)
@@ -335,10 +336,9 @@ def test_bias_after_a_split_is_a_bias():
                              rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(raises=jaxlrp.RulePlacementError, strict=True, reason="First() across a scan body (report)")
 def test_first_layer_rule_through_a_scan():
-  # Minimal reproducer: a tanh RNN then a dense head. The unrolled twin puts Flat on x_t @ wx at every step (each
-  # reads the explained input); with the scan, First() picks the head (after the loop) and Flat cannot sit in the body.
+  # A tanh RNN then a dense head. The unrolled twin puts Flat on x_t @ wx at every step (each reads the explained
+  # input); the scan must too, and not on the head after the loop (the loop holds layers) nor on h @ wh.
   rng = np.random.default_rng(0)
   w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((D, H), (H, H), (H, 2))]
   x = _x(0)
@@ -354,6 +354,9 @@ def test_first_layer_rule_through_a_scan():
     return h @ w[2]
 
   composite = jaxlrp.EpsilonPlusFlat()
+  rows = jaxlrp.show_rules(scanned, composite, w, x, argnums=1, print_table=False)
+  assert [(r.path, type(r.rule).__name__) for r in rows if r.kind == "dense"] == [
+    ("2", "Epsilon"), ("0", "Flat"), ("1", "Epsilon")]
   r_ref = relevance(unrolled, composite, w, x)
   np.testing.assert_allclose(relevance(scanned, composite, w, x), r_ref, atol=1e-5 * float(jnp.abs(r_ref).max()))
 
@@ -396,15 +399,13 @@ def stack_params():
   return fill(shapes(Stack(), x), 1), x
 
 
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=XFAIL_FIRST if p in FLAT else ())
-                                    for p in PRESETS if p not in SAME_ON_DENSE[1:]])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in SKIPPED_ON_DENSE])
 @pytest.mark.parametrize("loop", [Stack().apply, stack_fori], ids=["nn.scan", "fori_loop"])
 def test_layer_stack_equals_unrolled(loop, preset):
   params, x = stack_params()
   composite = PRESETS[preset]
-  if preset == "EpsilonPlus":  # the other non-Flat presets assign the same rules to a dense-only stack
-    rules = lambda c: [(r.kind, r.rule) for r in jaxlrp.show_rules(loop, c, params, x, argnums=1, print_table=False)]
-    assert all(rules(PRESETS[q]) == rules(composite) for q in SAME_ON_DENSE[1:])
+  if preset in SAME:  # the presets of a group assign the same rules to a dense-only stack
+    assert_same_rules(loop, params, x, SAME[preset])
   np.testing.assert_array_equal(jaxlrp.lrp(loop, composite, argnums=1)(params, x), loop(params, x))
   r_loop, r_ref = relevance(loop, composite, params, x), relevance(stack_unrolled, composite, params, x)
   assert float(jnp.abs(r_loop - r_ref).max()) <= 1e-5 * float(jnp.abs(r_ref).max())
@@ -505,11 +506,10 @@ def branch_inputs():
 BRANCH_COMPOSITES = {
   "EpsilonAlpha2Beta1": jaxlrp.EpsilonAlpha2Beta1(),  # AlphaBeta on the conv, Epsilon on the dense layers
   "conv-Gamma-dense-Epsilon": jaxlrp.Composite(("conv", jaxlrp.Gamma(0.25)), ("dense", jaxlrp.Epsilon(1e-2))),
-  # ZBox / Flat on the first layer, which here sits inside a branch: the same limitation as for scan bodies.
+  # ZBox / Flat on the first layer, which here sits inside each branch (on the conv only for ZBox).
   "EpsilonGammaBox": jaxlrp.EpsilonGammaBox(low=-3.0, high=3.0),
   "EpsilonPlusFlat": jaxlrp.EpsilonPlusFlat(),
 }
-BRANCH_FIRST_LAYER_RULES = ("EpsilonGammaBox", "EpsilonPlusFlat")
 
 
 @functools.cache
@@ -518,8 +518,7 @@ def branch_alone(name, i):
   return relevance(lambda p, x: BRANCHES[i](p, x) @ p["head"], BRANCH_COMPOSITES[name], p, x)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=XFAIL_FIRST if n in BRANCH_FIRST_LAYER_RULES else ())
-                                  for n in BRANCH_COMPOSITES])
+@pytest.mark.parametrize("name", BRANCH_COMPOSITES)
 @pytest.mark.parametrize("control", ["switch", "cond"])
 def test_each_branch_gets_its_own_rules(control, name):
   p, x = branch_inputs()
