@@ -623,8 +623,7 @@ def _max_pool_op(e, x_shape: tuple) -> Callable:
   tiled = all(s == w for s, w in zip(ws, wd))
 
   def window_slices(x, y_shape):
-    low = jnp.array(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype)
-    xp = jax.lax.pad(x, low, [(lo, hi, 0) for lo, hi in pad])
+    xp = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pad])  # floats only
     return [jax.lax.slice(xp, off, [o + (n - 1) * s + 1 for o, n, s in zip(off, y_shape, ws)], ws) for off in offsets]
 
   @jax.custom_vjp
