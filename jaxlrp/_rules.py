@@ -148,7 +148,8 @@ class ZPlus(Rule):
     xp, xn = _pos(m.x), _neg(m.x)
     zp = m.F("P", xp) + m.F("N", xn) + _pos(b)
     c = relevance / stabilize(zp, self.epsilon)
-    return jnp.where(m.x > 0, m.T("P", c), m.T("N", c))
+    tp, tn = m.T_many(("P", "N"), c)
+    return jnp.where(m.x > 0, tp, tn)
 
 
 @_rule("alpha", "beta", "epsilon", meta_fields=("zero_params",))
@@ -186,20 +187,25 @@ class AlphaBeta(Rule):
       # (float32 cancellation). Before a ReLU, R = 0 where z <= 0, and where z > 0, z_a = W+ x + b+ exceeds |W- x|,
       # so W+ x = W x - W- x (W x = z - b from the forward) keeps all its digits: one modified forward instead of
       # two. Elsewhere (the output is signed, e.g. before a residual add) either difference could cancel.
-      zb_lin = m.F("N", m.x)
-      za_lin = m.linear_out - zb_lin if m.feeds_relu and not self.zero_bias else m.F("P", m.x)
+      if m.feeds_relu and not self.zero_bias:
+        zb_lin = m.F("N", m.x)
+        za_lin = m.linear_out - zb_lin
+      else:
+        za_lin, zb_lin = m.F_many(("P", "N"), m.x)
       za, zb = za_lin + _pos(b), zb_lin + _neg(b)
       ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
       # W-^T is applied directly, not as W^T - W+^T: where z_b is ~0, c_b is huge and the difference of two
       # large transposes would cancel catastrophically.
-      return a * m.T("P", ca) - bt * m.T("N", cb)
+      return m.T_sum([("P", a * ca), ("N", -bt * cb)])
     xp, xn = _pos(m.x), _neg(m.x)
-    za = m.F("P", xp) + m.F("N", xn) + _pos(b)
-    zb = m.F("N", xp) + m.F("P", xn) + _neg(b)
+    fp_p, fn_p = m.F_many(("P", "N"), xp)
+    fp_n, fn_n = m.F_many(("P", "N"), xn)
+    za = fp_p + fn_n + _pos(b)
+    zb = fn_p + fp_n + _neg(b)
     ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
-    pos = a * m.T("P", ca) - bt * m.T("N", cb)
-    neg = a * m.T("N", ca) - bt * m.T("P", cb)
-    return jnp.where(m.x > 0, pos, neg)
+    tp_a, tn_a = m.T_many(("P", "N"), ca)
+    tp_b, tn_b = m.T_many(("P", "N"), cb)
+    return jnp.where(m.x > 0, a * tp_a - bt * tn_b, a * tn_a - bt * tp_b)
 
 
 @_rule("gamma", "epsilon", meta_fields=("zero_params",))
@@ -244,16 +250,16 @@ class Gamma(Rule):
       zd = zmask + gm * (zlin - fp + _neg(b))
       su = jnp.where(zmask > 0, relevance / stabilize(zu, eps), 0)
       sd = jnp.where(zmask < 0, relevance / stabilize(zd, eps), 0)
-      return m.T("W", su + sd + gm * sd) + gm * m.T("P", su - sd)
+      return m.T_sum([("W", su + sd + gm * sd), ("P", gm * (su - sd))])
     xp, xn = _pos(m.x), _neg(m.x)
-    fw_p, fw_n = m.F("W", xp), m.F("W", xn)
-    fp_p, fp_n = m.F("P", xp), m.F("P", xn)
+    fw_p, fp_p = m.F_many(("W", "P"), xp)
+    fw_n, fp_n = m.F_many(("W", "P"), xn)
     fn_p, fn_n = fw_p - fp_p, fw_n - fp_n
     zu = fw_p + gm * fp_p + fw_n + gm * fn_n + b + gm * _pos(b)
     zd = fw_p + gm * fn_p + fw_n + gm * fp_n + b + gm * _neg(b)
     su = jnp.where(zmask > 0, relevance / stabilize(zu, eps), 0)
     sd = jnp.where(zmask < 0, relevance / stabilize(zd, eps), 0)
-    tw_u, tw_d, tp_u, tp_d = m.T("W", su), m.T("W", sd), m.T("P", su), m.T("P", sd)
+    (tw_u, tp_u), (tw_d, tp_d) = m.T_many(("W", "P"), su), m.T_many(("W", "P"), sd)
     tn_u, tn_d = tw_u - tp_u, tw_d - tp_d
     pos = tw_u + gm * tp_u + tw_d + gm * tn_d
     neg = tw_u + gm * tn_u + tw_d + gm * tp_d
@@ -336,7 +342,9 @@ class ZBox(Rule):
     low, high = m.bounds
     zb = m.linear_out - m.F("P", low) - m.F("N", high)
     c = relevance / stabilize(zb, self.epsilon)
-    return m.x * m.T("W", c) - low * m.T("P", c) - high * m.T("N", c)
+    # W = W+ + W-, so x W^T c - l W+^T c - h W-^T c takes two transposes, not three.
+    tp, tn = m.T_many(("P", "N"), c)
+    return (m.x - low) * tp + (m.x - high) * tn
 
 
 @_rule("epsilon")
@@ -489,26 +497,61 @@ class LayerMath:
     _, vjp = jax.vjp(lambda u: self.lin(u, V), self.x)
     return vjp(c)[0]
 
-  def _parts(self, which):
-    wp, wn = _pos(self.w), _neg(self.w)
-    return (wp, wn) if which == "P" else (wn, wp)
+  def _terms(self, which: str):
+    """The effective weight of `which` as `[(base, scale)]`: a sum of base weights ("w", "p" = W+, "n" = W-),
+    each times a per-output scale (None: 1)."""
+    if which == "W":
+      return [("w", self.s)]
+    a, b = ("p", "n") if which == "P" else ("n", "p")
+    if self.s is None:
+      return [(a, None)]
+    return [(a, _pos(self.s)), (b, _neg(self.s))]
+
+  def _weight(self, base: str):
+    return {"w": self.w, "p": _pos(self.w), "n": _neg(self.w)}[base]
+
+  # Several weights applied to one input (or transposed against one cotangent) run as one op over the weights
+  # stacked by vmap: a conv or dot with stacked output features, which XLA runs faster than separate small ops.
+
+  def _apply_stacked(self, bases, v):
+    if len(bases) == 1:
+      return [self.apply(self._weight(bases[0]), v)]
+    out = jax.vmap(lambda V: self.lin(v, V))(jnp.stack([self._weight(b) for b in bases]))
+    return list(out)
+
+  def F_many(self, whiches, v) -> tuple:
+    """`(F(which, v) for which in whiches)`, computed by one stacked op."""
+    terms = [self._terms(which) for which in whiches]
+    bases = list(dict.fromkeys(b for t in terms for b, _ in t))
+    outs = dict(zip(bases, self._apply_stacked(bases, v)))
+    return tuple(sum(outs[b] if sc is None else outs[b] * sc for b, sc in t) for t in terms)
 
   def F(self, which: str, v):
-    if which == "W":
-      out = self.apply(self.w, v)
-      return out if self.s is None else out * self.s
-    a, b = self._parts(which)
-    if self.s is None:
-      return self.apply(a, v)
-    return self.apply(a, v) * _pos(self.s) + self.apply(b, v) * _neg(self.s)
+    return self.F_many((which,), v)[0]
+
+  def T_sum(self, pairs):
+    """`sum(T(which, c) for which, c in pairs)` as one transpose: the transpose of the weight-stacked op."""
+    cots = {}  # base weight -> its summed cotangent
+    for which, c in pairs:
+      for b, sc in self._terms(which):
+        cb = c if sc is None else c * sc
+        cots[b] = cb if b not in cots else cots[b] + cb
+    if len(cots) == 1:
+      (b, c), = cots.items()
+      return self.transpose(self._weight(b), c)
+    weights = jnp.stack([self._weight(b) for b in cots])
+    _, vjp = jax.vjp(lambda u: jax.vmap(lambda V: self.lin(u, V))(weights), self.x)
+    return vjp(jnp.stack(list(cots.values())))[0]
 
   def T(self, which: str, c):
-    if which == "W":
-      return self.transpose(self.w, c if self.s is None else c * self.s)
-    a, b = self._parts(which)
-    if self.s is None:
-      return self.transpose(a, c)
-    return self.transpose(a, c * _pos(self.s)) + self.transpose(b, c * _neg(self.s))
+    return self.T_sum([(which, c)])
+
+  def T_many(self, whiches, c) -> tuple:
+    """`(T(which, c) for which in whiches)` for one cotangent; one op with stacked outputs when unscaled."""
+    if self.s is not None or len(whiches) == 1:
+      return tuple(self.T(which, c) for which in whiches)
+    weights = jnp.stack([self._weight(self._terms(which)[0][0]) for which in whiches])
+    return tuple(jax.vmap(lambda V: self.transpose(V, c))(weights))
 
 
 def compute_dtype(dtype) -> np.dtype:

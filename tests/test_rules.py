@@ -278,6 +278,45 @@ def test_folded_batchnorm_epilogue(rule_name, base):
     _check(rule_name + "+bn", base, rx, want, x)
 
 
+@pytest.mark.parametrize("relu_input", [False, True], ids=["mixed_input", "relu_input"])
+@pytest.mark.parametrize("rule_name", sorted(EPILOGUE_RULES))
+@pytest.mark.parametrize("base", ["dense", "conv3x3_pad1"])
+def test_unfoldable_scale_epilogue(rule_name, base, relu_input):
+    """A mixed-sign scale that varies per sample as well as per feature cannot go into the weight: the rule runs
+    with it as a per-output scale, splitting (W s)+ = W+ s+ + W- s-. The reference is the per-sample folded layer
+    W_i = W * s_i (per output), b_i = b * s_i + t. With a ReLU before the layer (a non-negative input: the rules'
+    cheaper branches) the reference takes relu(x); the ReLU passes relevance unchanged."""
+    if relu_input and rule_name in ("zbox", "wsquare"):
+        pytest.skip("input-layer rules ignore the sign of the input")
+    lay = layer(base)
+    C = lay.params["b"].shape[0]
+    rng = np.random.default_rng(_seed("scale", base))
+    out_rank = 2 if base == "dense" else 4
+    scale = (rng.uniform(0.5, 1.5, size=(BATCH, C)) * rng.choice([-1.0, 1.0], size=(BATCH, C))).astype(np.float32)
+    shift = rng.normal(size=C).astype(np.float32)
+    scale_b = scale.reshape((BATCH,) + (1,) * (out_rank - 2) + (C,))
+
+    def f(p, x):
+        x = jax.nn.relu(x) if relu_input else x
+        return lay.f(p["layer"], x) * p["scale"] + p["shift"]
+
+    params = {"layer": lay.params, "scale": jnp.asarray(scale_b), "shift": jnp.asarray(shift)}
+    x, c = _data(lay, "scale")
+    xin = np.maximum(x, 0) if relu_input else x
+    reps = lay.W.shape[0] // C
+    rule, ref_fn, ref_kw = EPILOGUE_RULES[rule_name]
+    out, rx = lrp_vjp(f, Composite(("linear", rule)), params, x, c)
+    want, z_ref = [], []
+    for i in range(BATCH):
+        s_full, t_full = np.tile(scale[i].astype(np.float64), reps), np.tile(shift.astype(np.float64), reps)
+        W, b = lay.W * s_full[:, None], lay.b * s_full + t_full
+        zi = W @ xin[i].reshape(-1).astype(np.float64) + b
+        z_ref.append(zi.reshape(c.shape[1:]))
+        want.append(ref.batched(ref_fn, W, b, xin[i:i + 1], (zi.reshape(c.shape[1:]) * c[i])[None], **ref_kw)[0])
+    np.testing.assert_allclose(np.asarray(out), np.stack(z_ref), rtol=1e-4, atol=1e-5)
+    _check(rule_name + "+scale" + ("+relu" if relu_input else ""), base, rx, np.stack(want), x)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_zbox_through_preprocessing(sign):
     """ZBox bounds are in the units of the explained input and map through elementwise affine preprocessing.
