@@ -599,7 +599,8 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
     if s is not None and unit.fold_axes is not None:  # fold a per-feature scale (BatchNorm) into the weight
       w, s = w * _scale_for_weight(s, unit.fold_axes, w.ndim), None
     m = LayerMath(lin, xc, w, z.astype(cd), s, t, unit.nonneg_input and not rule_.input_rule,
-                  tuple(_cast(b, cd) for b in bounds) if bounds_given else None, unit.feeds_relu)
+                  tuple(_cast(b, cd) for b in bounds) if bounds_given else None, unit.feeds_relu,
+                  stack_weights=unit.kind == "conv")
     out = rule_.propagate(m, z.astype(cd) * g.astype(cd))
     if relu is not None:  # relu(u) > 0 exactly where u > 0; masking by u keeps the mask independent of g
       out = jnp.where(u > 0, out, jnp.zeros((), out.dtype))

@@ -10,6 +10,8 @@ weight `W s`, `stab(z) = z + eps * sgn0(z)` with `sgn0(0) = +1`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any, Callable, ClassVar, Optional
 
 import jax
@@ -481,6 +483,7 @@ class LayerMath:
   nonneg: bool
   bounds: Optional[tuple] = None
   feeds_relu: bool = False  # relevance is zero wherever z <= 0 (the output feeds a ReLU directly)
+  stack_weights: bool = False  # run several weights on one input as one weight-stacked op (convolutions)
 
   @property
   def linear_out(self):
@@ -510,12 +513,15 @@ class LayerMath:
   def _weight(self, base: str):
     return {"w": self.w, "p": _pos(self.w), "n": _neg(self.w)}[base]
 
-  # Several weights applied to one input (or transposed against one cotangent) run as one op over the weights
-  # stacked by vmap: a conv or dot with stacked output features, which XLA runs faster than separate small ops.
+  # With `stack_weights`, several weights applied to one input (or transposed against one cotangent) run as one
+  # convolution over the weights stacked by vmap (stacked output features). On XLA CPU that is faster for
+  # convolutions with few channels (an image's first layer: 3 input channels) and no slower for wide ones; for
+  # dot products it is slower (the stacked weights and outputs are copied, per step inside a scan), so dense
+  # layers keep separate ops.
 
   def _apply_stacked(self, bases, v):
-    if len(bases) == 1:
-      return [self.apply(self._weight(bases[0]), v)]
+    if len(bases) == 1 or not self.stack_weights:
+      return [self.apply(self._weight(b), v) for b in bases]
     out = jax.vmap(lambda V: self.lin(v, V))(jnp.stack([self._weight(b) for b in bases]))
     return list(out)
 
@@ -524,7 +530,8 @@ class LayerMath:
     terms = [self._terms(which) for which in whiches]
     bases = list(dict.fromkeys(b for t in terms for b, _ in t))
     outs = dict(zip(bases, self._apply_stacked(bases, v)))
-    return tuple(sum(outs[b] if sc is None else outs[b] * sc for b, sc in t) for t in terms)
+    scaled = lambda b, sc: outs[b] if sc is None else outs[b] * sc  # noqa: E731
+    return tuple(functools.reduce(operator.add, (scaled(b, sc) for b, sc in t)) for t in terms)
 
   def F(self, which: str, v):
     return self.F_many((which,), v)[0]
@@ -536,9 +543,8 @@ class LayerMath:
       for b, sc in self._terms(which):
         cb = c if sc is None else c * sc
         cots[b] = cb if b not in cots else cots[b] + cb
-    if len(cots) == 1:
-      (b, c), = cots.items()
-      return self.transpose(self._weight(b), c)
+    if len(cots) == 1 or not self.stack_weights:
+      return functools.reduce(operator.add, (self.transpose(self._weight(b), c) for b, c in cots.items()))
     weights = jnp.stack([self._weight(b) for b in cots])
     _, vjp = jax.vjp(lambda u: jax.vmap(lambda V: self.lin(u, V))(weights), self.x)
     return vjp(jnp.stack(list(cots.values())))[0]
@@ -548,7 +554,7 @@ class LayerMath:
 
   def T_many(self, whiches, c) -> tuple:
     """`(T(which, c) for which in whiches)` for one cotangent; one op with stacked outputs when unscaled."""
-    if self.s is not None or len(whiches) == 1:
+    if self.s is not None or len(whiches) == 1 or not self.stack_weights:
       return tuple(self.T(which, c) for which in whiches)
     weights = jnp.stack([self._weight(self._terms(which)[0][0]) for which in whiches])
     return tuple(jax.vmap(lambda V: self.transpose(V, c))(weights))
