@@ -471,7 +471,8 @@ class LayerMath:
 
   `apply(V, v)` is the layer with weight `V` on input `v` (no epilogue arithmetic); `transpose(V, c)` its
   transpose. `F(which, v)` / `T(which, c)` do the same for the effective weight `W s` ("W") and its positive
-  ("P") and negative ("N") parts, using `(W s)+ = W+ s+ + W- s-` when `s` varies per output.
+  ("P") and negative ("N") parts, using `(W s)+ = W+ s+ + W- s-` when `s` varies per output. `F_many`,
+  `T_many` and `T_sum` do several of these at once.
   """
 
   lin: Callable  # (v, V) -> lin(v, V)
@@ -526,7 +527,7 @@ class LayerMath:
     return list(out)
 
   def F_many(self, whiches, v) -> tuple:
-    """`(F(which, v) for which in whiches)`, computed by one stacked op."""
+    """`(F(which, v) for which in whiches)`; one weight-stacked op with `stack_weights`."""
     terms = [self._terms(which) for which in whiches]
     bases = list(dict.fromkeys(b for t in terms for b, _ in t))
     outs = dict(zip(bases, self._apply_stacked(bases, v)))
@@ -537,7 +538,8 @@ class LayerMath:
     return self.F_many((which,), v)[0]
 
   def T_sum(self, pairs):
-    """`sum(T(which, c) for which, c in pairs)` as one transpose: the transpose of the weight-stacked op."""
+    """`sum(T(which, c) for which, c in pairs)`, the cotangents of a shared base weight summed first; with
+    `stack_weights` one transpose (of the weight-stacked op)."""
     cots = {}  # base weight -> its summed cotangent
     for which, c in pairs:
       for b, sc in self._terms(which):
@@ -553,7 +555,8 @@ class LayerMath:
     return self.T_sum([(which, c)])
 
   def T_many(self, whiches, c) -> tuple:
-    """`(T(which, c) for which in whiches)` for one cotangent; one op with stacked outputs when unscaled."""
+    """`(T(which, c) for which in whiches)` for one cotangent; with `stack_weights` and no scale, one op with
+    stacked outputs."""
     if self.s is not None or len(whiches) == 1 or not self.stack_weights:
       return tuple(self.T(which, c) for which in whiches)
     weights = jnp.stack([self._weight(self._terms(which)[0][0]) for which in whiches])
