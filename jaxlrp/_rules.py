@@ -512,7 +512,9 @@ class LayerMath:
     return [(a, _pos(self.s)), (b, _neg(self.s))]
 
   def _weight(self, base: str):
-    return {"w": self.w, "p": _pos(self.w), "n": _neg(self.w)}[base]
+    if base == "w":
+      return self.w
+    return _pos(self.w) if base == "p" else _neg(self.w)
 
   # With `stack_weights`, several weights applied to one input (or transposed against one cotangent) run as one
   # convolution over the weights stacked by vmap (stacked output features). On XLA CPU that is faster for
