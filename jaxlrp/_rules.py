@@ -205,9 +205,11 @@ class AlphaBeta(Rule):
     za = fp_p + fn_n + _pos(b)
     zb = fn_p + fp_n + _neg(b)
     ca, cb = relevance / stabilize(za, eps), relevance / stabilize(zb, eps)
-    tp_a, tn_a = m.T_many(("P", "N"), ca)
-    tp_b, tn_b = m.T_many(("P", "N"), cb)
-    return jnp.where(m.x > 0, a * tp_a - bt * tn_b, a * tn_a - bt * tp_b)
+    # Each sign of x needs a sum of two transposes (one op each with `stack_transpose`); W^T - W+^T in place of
+    # W-^T would cancel catastrophically where z_a or z_b is ~0 and the cotangent is huge.
+    pos = m.T_sum([("P", a * ca), ("N", -bt * cb)])
+    neg = m.T_sum([("N", a * ca), ("P", -bt * cb)])
+    return jnp.where(m.x > 0, pos, neg)
 
 
 @_rule("gamma", "epsilon", meta_fields=("zero_params",))
@@ -484,7 +486,8 @@ class LayerMath:
   nonneg: bool
   bounds: Optional[tuple] = None
   feeds_relu: bool = False  # relevance is zero wherever z <= 0 (the output feeds a ReLU directly)
-  stack_weights: bool = False  # run several weights on one input as one weight-stacked op (convolutions)
+  stack_forward: bool = False  # F_many / T_many: several weights as one weight-stacked op (see below)
+  stack_transpose: bool = False  # T_sum: several transposes as one transpose of the weight-stacked op
 
   @property
   def linear_out(self):
@@ -516,20 +519,20 @@ class LayerMath:
       return self.w
     return _pos(self.w) if base == "p" else _neg(self.w)
 
-  # With `stack_weights`, several weights applied to one input (or transposed against one cotangent) run as one
-  # convolution over the weights stacked by vmap (stacked output features). On XLA CPU that is faster for
-  # convolutions with few channels (an image's first layer: 3 input channels) and no slower for wide ones; for
-  # dot products it is slower (the stacked weights and outputs are copied, per step inside a scan), so dense
-  # layers keep separate ops.
+  # Several weights applied to one input (or transposed against one cotangent) can run as one convolution over
+  # the weights stacked by vmap (stacked output features). Whether that is faster depends on the shapes; on XLA CPU
+  # (see `_conv_stacking` in _core) it pays for narrow outputs and, for T_sum, for an image's few input channels,
+  # and costs an activation-sized layout copy elsewhere. Dot products never stack: the stacked weights and outputs
+  # were copied on every step of a scan.
 
   def _apply_stacked(self, bases, v):
-    if len(bases) == 1 or not self.stack_weights:
+    if len(bases) == 1 or not self.stack_forward:
       return [self.apply(self._weight(b), v) for b in bases]
     out = jax.vmap(lambda V: self.lin(v, V))(jnp.stack([self._weight(b) for b in bases]))
     return list(out)
 
   def F_many(self, whiches, v) -> tuple:
-    """`(F(which, v) for which in whiches)`; one weight-stacked op with `stack_weights`."""
+    """`(F(which, v) for which in whiches)`; one weight-stacked op with `stack_forward`."""
     terms = [self._terms(which) for which in whiches]
     bases = list(dict.fromkeys(b for t in terms for b, _ in t))
     outs = dict(zip(bases, self._apply_stacked(bases, v)))
@@ -541,13 +544,13 @@ class LayerMath:
 
   def T_sum(self, pairs):
     """`sum(T(which, c) for which, c in pairs)`, the cotangents of a shared base weight summed first; with
-    `stack_weights` one transpose (of the weight-stacked op)."""
+    `stack_transpose` one transpose (of the weight-stacked op)."""
     cots = {}  # base weight -> its summed cotangent
     for which, c in pairs:
       for b, sc in self._terms(which):
         cb = c if sc is None else c * sc
         cots[b] = cb if b not in cots else cots[b] + cb
-    if len(cots) == 1 or not self.stack_weights:
+    if len(cots) == 1 or not self.stack_transpose:
       return functools.reduce(operator.add, (self.transpose(self._weight(b), c) for b, c in cots.items()))
     weights = jnp.stack([self._weight(b) for b in cots])
     _, vjp = jax.vjp(lambda u: jax.vmap(lambda V: self.lin(u, V))(weights), self.x)
@@ -557,9 +560,9 @@ class LayerMath:
     return self.T_sum([(which, c)])
 
   def T_many(self, whiches, c) -> tuple:
-    """`(T(which, c) for which in whiches)` for one cotangent; with `stack_weights` and no scale, one op with
+    """`(T(which, c) for which in whiches)` for one cotangent; with `stack_forward` and no scale, one op with
     stacked outputs."""
-    if self.s is not None or len(whiches) == 1 or not self.stack_weights:
+    if self.s is not None or len(whiches) == 1 or not self.stack_forward:
       return tuple(self.T(which, c) for which in whiches)
     weights = jnp.stack([self._weight(self._terms(which)[0][0]) for which in whiches])
     return tuple(jax.vmap(lambda V: self.transpose(V, c))(weights))

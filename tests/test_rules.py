@@ -513,3 +513,44 @@ def test_alphabeta_output_with_empty_part(alpha, beta, after_relu):
 #   two layers (First / Last): <= 4.6e-7; three layers (sign-fact fast paths in the middle layer): <= 3.3e-7.
 # Before commit 6da0db3 AlphaBeta formed W-^T c as W^T c - W+^T c: 9.4e-3 on conv_depthwise, 2.8e-2 on the
 # alpha2beta1|zero two-layer net, 3.5e-2 in test_alphabeta_output_with_empty_part.
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["no_scale", "scale"])
+def test_weight_stacked_ops_equal_separate_ops(scale):
+  """LayerMath's weight-stacked convolutions (one vmapped op over [W+, W-]) give the separate ops' values."""
+  from jaxlrp._rules import LayerMath
+  rng = np.random.default_rng(_seed("stacked", scale))
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 6, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+  s = jnp.asarray(rng.uniform(-1, 1, (2, 6, 6, 5)), jnp.float32) if scale else None
+  lin = lambda v, V: jax.lax.conv_general_dilated(v, V, (1, 1), "SAME",  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  z = lin(x, w)
+  c1, c2 = (jnp.asarray(rng.normal(size=z.shape), jnp.float32) for _ in range(2))
+  ops = {"F_many": lambda m: m.F_many(("P", "N", "W"), m.x),
+         "T_sum": lambda m: (m.T_sum([("P", c1), ("N", c2), ("W", c1)]),),
+         "T_many": lambda m: m.T_many(("P", "N"), c1)}
+  for name, op in ops.items():
+    got, want = (op(LayerMath(lin, x, w, z, s, jnp.zeros(()), False, stack_forward=flag, stack_transpose=flag))
+                 for flag in (True, False))
+    for g, r in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max()),
+                                 err_msg=name)
+
+
+def test_conv_stacking_reads_channels_from_the_kernel_layout():
+  """The stacking choice reads input and output channels through the convolution's dimension numbers."""
+  import types
+
+  from jaxlrp._core import _conv_stacking
+
+  def unit(kernel_layout, shape):
+    dn = jax.lax.conv_dimension_numbers((1, 8, 8, 1), shape, ("NHWC", kernel_layout, "NHWC"))
+    main = types.SimpleNamespace(prim_name="conv_general_dilated", params={"dimension_numbers": dn})
+    return types.SimpleNamespace(kind="conv", main=main, data_pos=(0,)), shape
+
+  # (in, out) = (3, 64): an image's first layer; (64, 64): narrow; (64, 256): wide outputs
+  assert _conv_stacking(*unit("HWIO", (7, 7, 3, 64))) == (False, True)
+  assert _conv_stacking(*unit("OIHW", (64, 3, 7, 7))) == (False, True)
+  assert _conv_stacking(*unit("HWIO", (3, 3, 64, 64))) == (True, False)
+  assert _conv_stacking(*unit("OIHW", (256, 64, 1, 1))) == (False, False)
