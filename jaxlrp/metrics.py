@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _jax
+from jaxlrp import _incremental, _jax
 
 __all__ = [
   "perturbation_curve", "aopc", "selectivity", "aopc_from_curve", "auc_from_curve", "faithfulness_correlation",
@@ -97,6 +97,7 @@ class _Traced(NamedTuple):
   key: tuple
   consts: list
   bind: Callable
+  out_tree: Any = None  # of the function's output
 
 
 def _trace(fn: Callable, *args, closed_out: list | None = None) -> _Traced:
@@ -112,7 +113,7 @@ def _trace(fn: Callable, *args, closed_out: list | None = None) -> _Traced:
     return lambda *a: jax.tree_util.tree_unflatten(out_tree, flat(*jax.tree_util.tree_leaves(a)))
 
   key = (str(jaxpr), str(out_tree), str(jax.tree_util.tree_structure(args)))
-  return _Traced(key, list(closed.consts), bind)
+  return _Traced(key, list(closed.consts), bind, out_tree)
 
 
 def _static_key(fn):
@@ -231,15 +232,34 @@ def _region_relevance(relevance, x_shape: tuple[int, ...], patch: int, n: int):
   return jax.vmap(lambda r: jax.ops.segment_sum(r, ids.reshape(-1), num_segments=n))(flat)
 
 
+# Up to this many regions per sample, their positions in the removal order are counted by pairwise comparison
+# ([B, n, n] booleans) instead of sorted: XLA's CPU sort took ~1 ms for 128 x 64 features, the MLP's whole forward
+# over all 65 copies about as long.
+_PAIRWISE_RANK_MAX = 256
+
+
 def _rank(scores, order: str, key):
   """Position of each region in the removal order, `[B, n]` (0 = removed first). Ties: lower index first."""
   if order == "morf":
-    sequence = jnp.argsort(-scores, axis=-1, stable=True)
+    keys = -scores
   elif order == "lerf":
-    sequence = jnp.argsort(scores, axis=-1, stable=True)
+    keys = scores
   else:
-    sequence = jnp.argsort(_draw(jax.random.uniform, key, scores.shape), axis=-1)
-  return jnp.argsort(sequence, axis=-1)
+    keys = _draw(jax.random.uniform, key, scores.shape)
+  n = keys.shape[-1]
+  if n > _PAIRWISE_RANK_MAX:
+    return _inverse_permutation(jnp.argsort(keys, axis=-1, stable=True))
+  earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [i, j]: j < i
+  a, b = keys[..., :, None], keys[..., None, :]  # region i against region j
+  return jnp.sum((b < a) | ((b == a) & earlier), axis=-1, dtype=jnp.int32)
+
+
+def _inverse_permutation(p):
+  """`q` with `q[..., p[..., k]] = k` (a scatter, not a second sort)."""
+  positions = jnp.broadcast_to(jnp.arange(p.shape[-1], dtype=p.dtype), p.shape)
+  flat_p, flat_pos = p.reshape(-1, p.shape[-1]), positions.reshape(-1, p.shape[-1])
+  inverse = jax.vmap(lambda row, pos: jnp.zeros_like(row).at[row].set(pos, unique_indices=True))(flat_p, flat_pos)
+  return inverse.reshape(p.shape)
 
 
 def _schedule(n: int, steps: int | None, per_step: int | None) -> np.ndarray:
@@ -332,24 +352,46 @@ class _CurveSpec(NamedTuple):
   n_regions: int
   baseline: _BaselineSpec
   chunk_size: int | None
+  incremental: bool | None
 
 
-def _model_program(model, output_fn, params, x) -> _Traced:
+def _model_program(model, output_fn, params, x, closed_out: list | None = None) -> _Traced:
   if params is None:
     fn = (lambda p, xx: model(xx)) if output_fn is None else (lambda p, xx: output_fn(model(xx)))
   else:
     fn = model if output_fn is None else (lambda p, xx: output_fn(model(p, xx)))
-  return _trace(fn, params, x)
+  return _trace(fn, params, x, closed_out=closed_out)
 
 
-def _curve_impl(spec: _CurveSpec, traced: _Traced, consts, params, x, relevance, target, counts, key, value, urange):
+# The incremental first layer holds a [B, D, H] cumulative sum (plus its [B, D, H] summands); above this many
+# elements every copy goes through the whole model instead.
+_INCREMENTAL_MAX_ELEMENTS = 2 ** 26
+
+
+def _incremental_pays(steps_plus_one: int, split: _incremental.FirstDense) -> bool:
+  """By default the first layer is evaluated incrementally when there are enough copies to pay for it.
+
+  The incremental path costs a fixed gather and log2(D)-pass scan over `[B, D, H]`, memory-bound; the plain path
+  one matrix product per copy. Measured on a 2-core CPU (MLPs D-64-10, all steps of 1 feature): D = 64, 65 copies
+  1.2 ms vs 0.9 ms plain; D = 256, 257 copies 22.6 vs 25.4 ms; D = 1024, 65 copies 38 vs 21 ms, 1025 copies 38 vs
+  108 ms. Break-even lies near 10-30 log2(D) copies; this takes the incremental path from 32 log2(D) on.
+  """
+  return steps_plus_one >= 32 * math.log2(max(2, math.prod(split.lhs_shape[1:])))
+
+
+def _curve_impl(spec: _CurveSpec, traced: _Traced, split: _incremental.FirstDense | None, consts, params, x,
+                relevance, target, counts, key, value, urange):
   model = traced.bind(consts)
   target = _batch_targets(target, x.shape[0])
   k_order, k_noise = jax.random.split(key)
   ids, _ = _region_ids(x.shape[1:], spec.patch)
   rank = _rank(_region_relevance(relevance, x.shape[1:], spec.patch, spec.n_regions), spec.order, k_order)
-  rank_x = jnp.take(rank, ids, axis=1)  # [B, *x.shape[1:]]: when each element is removed
   base = _baseline_values(spec.baseline, x, k_noise, value, urange)
+  if (split is not None and split.cumulative_size <= _INCREMENTAL_MAX_ELEMENTS
+      and (spec.incremental or _incremental_pays(counts.shape[0], split))):
+    return _incremental_curve(split, traced, consts, params, x, ids, _inverse_permutation(rank), base, target,
+                              counts, spec.chunk_size)
+  rank_x = jnp.take(rank, ids, axis=1)  # [B, *x.shape[1:]]: when each element is removed
 
   def score_after(count):
     return _pick(model(params, jnp.where(rank_x < count, base, x)), target)
@@ -357,10 +399,29 @@ def _curve_impl(spec: _CurveSpec, traced: _Traced, consts, params, x, relevance,
   return _map(score_after, counts, spec.chunk_size).T
 
 
+def _incremental_curve(split: _incremental.FirstDense, traced: _Traced, consts, params, x, ids, sequence, base,
+                       target, counts, chunk_size):
+  """`_curve_impl`'s curve with the first dense layer evaluated once for all copies (`jaxlrp._incremental`)."""
+  leaves = jax.tree_util.tree_leaves(params)
+  members = _incremental.region_members(ids.reshape(-1), sequence.shape[-1])  # [n, m], padded with -1
+  element_order = jnp.take(jnp.asarray(members), sequence, axis=0).reshape(sequence.shape[0], -1)
+  z0, sums = _incremental.cumulative(split, split.weight(consts, leaves), x, base, element_order)
+  # after step k the first counts[k] regions of the order are removed: the first counts[k] * m padded elements
+  removed = jnp.broadcast_to((counts * members.shape[1])[:, None], (counts.shape[0], x.shape[0]))  # [steps + 1, B]
+
+  def score_after(n):
+    z = _incremental.pre_activation(split, z0, sums, n)
+    out = jax.tree_util.tree_unflatten(traced.out_tree, split.rest(consts, leaves, z))
+    return _pick(out, target)
+
+  return _map(score_after, removed, chunk_size).T
+
+
 def perturbation_curve(model: Callable, x, relevance, target, *, params=None, order: str = "morf", patch: int = 1,
                        steps: int | None = None, per_step: int | None = None, baseline="zeros", key=None,
                        output_fn: Callable | None = None, blur_sigma: float = 1.0,
-                       uniform_range: tuple[float, float] | None = None, chunk_size: int | None = None) -> jax.Array:
+                       uniform_range: tuple[float, float] | None = None, chunk_size: int | None = None,
+                       incremental: bool | None = None) -> jax.Array:
   """Pixel flipping / region perturbation: the target's score as regions are removed in order of relevance.
 
   Regions (single pixels or features for `patch=1`, `patch x patch` blocks otherwise) are ranked by their summed
@@ -402,7 +463,13 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
     chunk_size: evaluate this many steps (perturbed copies of the batch) per model call, in a `jax.lax.map` over
       chunks (bounded memory). `None` (default): all `steps + 1` copies in one vmapped call on an accelerator;
       on a CPU, chunks of about 2^17 input elements (faster there once the copies outgrow the caches).
-
+    incremental: evaluate the first dense layer incrementally when the input feeds only it (exact): for a model
+      whose input reaches one `dot_general` through reshapes or casts only (an MLP on `[B, D]`,
+      `x.reshape(B, -1) @ W` on images), the copies' pre-activations are `z_0` plus cumulative sums of
+      `(b_i - x_i) W[i, :]` in removal order, one first-layer pass instead of `steps + 1`, and only the layers after
+      it run per copy. `None` (default): where that pays, from about `32 log2(D)` copies on (e.g. all 1024 steps of
+      one feature of D = 1024: 2.8x faster on a CPU); `True`: always where the model allows it; `False`: never.
+      A convolution first, or an input used twice, runs every copy through the whole model.
   Returns:
     `[B, steps + 1]`: the score before (column 0) and after each step.
 
@@ -426,9 +493,16 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
   base_spec, value, urange = _baseline_spec(baseline, x, blur_sigma, uniform_range, key)
   key = _key_or_dummy(key, order == "random", "order='random'")
   target = _targets(target, x.shape[0])
-  traced = _model_program(model, output_fn, params, x)
-  spec = _CurveSpec(order, int(patch), n, base_spec, _auto_chunk(chunk_size, x.size))
-  fn = _compiled(("curve", spec, traced.key), lambda: lambda *a: _curve_impl(spec, traced, *a))
+  closed: list = []
+  traced = _model_program(model, output_fn, params, x, closed_out=closed)
+  spec = _CurveSpec(order, int(patch), n, base_spec, _auto_chunk(chunk_size, x.size),
+                     None if incremental is None else bool(incremental))
+
+  def build():  # on a cache miss only: the split is derived from the traced program, which the key identifies
+    split = _incremental.first_dense(closed[0]) if spec.incremental is not False else None
+    return lambda *a: _curve_impl(spec, traced, split, *a)
+
+  fn = _compiled(("curve", spec, traced.key), build)
   return fn(traced.consts, params, x, relevance, target, counts, key, value, urange)
 
 

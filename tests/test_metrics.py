@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import scipy.ndimage
 import scipy.stats
 
-from jaxlrp import metrics
+from jaxlrp import _incremental, metrics
 
 RTOL, ATOL = 1e-5, 1e-5
 IMAGE_SHAPE = (3, 6, 6, 2)  # [B, H, W, C]
@@ -86,8 +87,8 @@ def ref_region_sums(r_sample, regions):
   return sums
 
 
-def ref_curve(p, x, r, target, *, patch, order, counts, baseline, output=lambda z: z):
-  """One sample at a time, one step at a time: copy, overwrite the first n_k regions, evaluate."""
+def ref_curve(p, x, r, target, *, patch, order, counts, baseline, output=lambda z: z, model=mlp_np):
+  """One sample at a time, one step at a time: copy, overwrite the first n_k regions, evaluate `model(p, x)`."""
   x = np.asarray(x, np.float64)
   out = np.zeros((x.shape[0], len(counts)))
   for b in range(x.shape[0]):
@@ -100,7 +101,7 @@ def ref_curve(p, x, r, target, *, patch, order, counts, baseline, output=lambda 
       for g in sequence[:count]:
         for e in regions[g]:
           xp[e] = baseline[b][e]
-      out[b, k] = output(mlp_np(p, xp[None]))[0, target[b]]
+      out[b, k] = output(model(p, xp[None]))[0, target[b]]
   return out
 
 
@@ -491,3 +492,127 @@ def test_input_invariance_of_gradient_and_lrp_against_numpy():
   assert np.all(sims["gxi"] < 0.999)
   with pytest.raises(ValueError, match="shifted_params"):
     metrics.input_invariance(grad, x, t, shift=c, params=p)
+
+
+# ---- the incremental first dense layer -----------------------------------------------------------------------------
+
+_ORDERS = ("morf", "lerf", "random")
+
+
+class FlaxMLP(nn.Module):
+  """Dense-ReLU-Dense on the flattened input: the parameters of `make_params`, so `mlp_np` is its NumPy twin."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(5)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(CLASSES)(h)
+
+
+def jnp_mlp(p, x):
+  return jnp.maximum(x @ p["w1"] + p["b1"], 0) @ p["w2"] + p["b2"]
+
+
+def _jnp_params(p):
+  d0, d1 = p["params"]["Dense_0"], p["params"]["Dense_1"]
+  return {"w1": d0["kernel"], "b1": d0["bias"], "w2": d1["kernel"], "b2": d1["bias"]}
+
+
+def _split(model, params, x):
+  return _incremental.first_dense(jax.make_jaxpr(model)(params, x))
+
+
+def _both_paths(model, x, r, t, **options):
+  fast = metrics.perturbation_curve(model, x, r, t, incremental=True, **options)
+  full = metrics.perturbation_curve(model, x, r, t, incremental=False, **options)
+  np.testing.assert_allclose(fast, full, rtol=RTOL, atol=ATOL)
+  return np.asarray(fast)
+
+
+@pytest.mark.parametrize("flavour", ["flax", "jnp"])
+@pytest.mark.parametrize("order", ["morf", "lerf", "random"])
+def test_incremental_mlp_matches_full_model_and_numpy_loop(tabular_case, flavour, order):
+  p, x, r, t = tabular_case
+  model, params = (FlaxMLP().apply, p) if flavour == "flax" else (jnp_mlp, _jnp_params(p))
+  assert _split(model, params, x) is not None  # the shortcut applies
+  for i, baseline in enumerate(["zeros", "mean", "uniform"]):
+    per_step = 1 if (i + _ORDERS.index(order)) % 2 == 0 else 3  # each order and each baseline sees both (compiles)
+    got = _both_paths(model, x, r, t, params=params, order=order, baseline=baseline, per_step=per_step,
+                      key=jax.random.key(5), output_fn=jax.nn.softmax)
+    if order != "random" and baseline != "uniform":  # deterministic: the NumPy loop as well
+      counts = [min(k * per_step, 7) for k in range(math.ceil(7 / per_step) + 1)]
+      want = ref_curve(p, x, r, t, patch=1, order=order, counts=counts, baseline=ref_baseline(x, baseline),
+                       output=softmax_np)
+      np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_incremental_image_dense_patches():
+  rng = np.random.default_rng(11)
+  x = rng.uniform(0, 1, (3, 8, 8, 1)).astype(np.float32)
+  r = rng.normal(size=x.shape[:-1]).astype(np.float32)  # a channel-less map
+  t = np.array([2, 0, 1])
+  p = make_params(64, seed=12)
+  assert _split(FlaxMLP().apply, p, x) is not None
+  for order, baseline, chunk in [("morf", "blur", None), ("lerf", "mean", 2)]:  # chunk 2: lax.map over the copies
+    got = _both_paths(FlaxMLP().apply, x, r, t, params=p, order=order, patch=2, baseline=baseline, chunk_size=chunk)
+    want = ref_curve(p, x, r, t, patch=2, order=order, counts=list(range(17)), baseline=ref_baseline(x, baseline))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_incremental_reads_the_contracting_dimensions():
+  # The weight transposed ([H, D]), and an image contracted directly over its (permuted) axes: no reshape.
+  rng = np.random.default_rng(13)
+  w = rng.normal(size=(4, 7)).astype(np.float32)
+  v = rng.normal(size=(4, 4, 2, 3)).astype(np.float32)
+  for model, shape in [(lambda p, x: jnp.tanh(jnp.einsum("bi,hi->bh", x, p)), (3, 7)),
+                       (lambda p, x: jnp.tanh(jnp.einsum("bhwc,whck->bk", x, p)), (3, 4, 4, 2))]:
+    params = w if len(shape) == 2 else v
+    x = rng.normal(size=shape).astype(np.float32)
+    r = rng.normal(size=shape).astype(np.float32)
+    assert _split(model, params, x) is not None
+    _both_paths(model, x, r, 1, params=params, baseline="mean", per_step=2)
+
+
+class FlaxCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(4, (3, 3))(x))
+    return nn.Dense(CLASSES)(h.reshape(h.shape[0], -1))
+
+
+def test_incremental_falls_back_when_the_pattern_does_not_hold(tabular_case, image_case):
+  # The input used twice, and a convolution first: no split, and the curve is that of the NumPy loop.
+  p, x, r, t = tabular_case
+  q = _jnp_params(p)
+  twice = lambda p, x: jnp_mlp(p, x) + x.sum(-1, keepdims=True)  # noqa: E731
+  twice_np = lambda p, x: mlp_np({"params": {"Dense_0": {"kernel": p["w1"], "bias": p["b1"]},  # noqa: E731
+                                             "Dense_1": {"kernel": p["w2"], "bias": p["b2"]}}}, x) + x.sum(-1)[:, None]
+  assert _split(twice, q, x) is None
+  got = _both_paths(twice, x, r, t, params=q, per_step=2)
+  want = ref_curve(q, x, r, t, patch=1, order="morf", counts=[0, 2, 4, 6, 7], baseline=ref_baseline(x, "zeros"),
+                   model=twice_np)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  _, xi, ri, ti = image_case
+  cnn = FlaxCNN()
+  pc = cnn.init(jax.random.key(0), xi)
+  assert _split(cnn.apply, pc, xi) is None
+  got = _both_paths(cnn.apply, xi, ri, ti, params=pc, patch=2)
+  one_at_a_time = lambda p, x: np.asarray(cnn.apply(p, jnp.asarray(x, jnp.float32)), np.float64)  # noqa: E731
+  want = ref_curve(pc, xi, ri, ti, patch=2, order="morf", counts=list(range(10)), baseline=ref_baseline(xi, "zeros"),
+                   model=one_at_a_time)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["morf", "lerf"])
+def test_rank_by_comparison_equals_rank_by_sort(order, monkeypatch):
+  """Removal positions: the pairwise count (few regions) and the sort (many) both match a NumPy lexsort, ties
+  (including 0.0 and -0.0) broken by the lower index."""
+  rng = np.random.default_rng(7)
+  scores = rng.integers(-3, 4, size=(4, 40)).astype(np.float32) * 0.5  # many ties
+  scores[0, :6] = [0.0, -0.0, 0.0, -0.0, 1.0, -0.0]
+  keys = -scores if order == "morf" else scores
+  want = np.stack([np.argsort(np.lexsort((np.arange(40), k + 0.0))) for k in keys])  # + 0.0: -0.0 -> 0.0
+  pairwise = metrics._rank(jnp.asarray(scores), order, None)
+  monkeypatch.setattr(metrics, "_PAIRWISE_RANK_MAX", 8)
+  by_sort = metrics._rank(jnp.asarray(scores), order, None)
+  np.testing.assert_array_equal(np.asarray(pairwise), want)
+  np.testing.assert_array_equal(np.asarray(by_sort), want)
