@@ -650,15 +650,8 @@ def _max_pool_op(e, x_shape: tuple) -> Callable:
 
   def fwd(x):
     y = bind(e, x)[0]
-    # A running (max, index) over the window offsets (strict >: the first maximum wins) fuses into one loop over
-    # the output; argmax over the stacked slices materialised a window-size-times copy of the input.
-    dtype = jnp.int8 if len(offsets) <= 127 else jnp.int32
-    slices = window_slices(x, y.shape)
-    best, winner = slices[0], jnp.zeros(y.shape, dtype)
-    for k, v in enumerate(slices[1:], start=1):
-      wins = v > best
-      best, winner = jnp.where(wins, v, best), jnp.where(wins, jnp.asarray(k, dtype), winner)
-    return y, winner
+    winner = jnp.argmax(jnp.stack(window_slices(x, y.shape)), axis=0)
+    return y, winner.astype(jnp.int8 if len(offsets) <= 127 else jnp.int32)
 
   def bwd(winner, g):
     padded = [n + lo + hi for n, (lo, hi) in zip(x_shape, pad)]
