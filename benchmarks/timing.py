@@ -181,7 +181,8 @@ def ms_cell(r: dict | None) -> str:
     """A table cell ``median (min-max)`` in ms from a ``summarise_times`` entry ('' when there is none)."""
     if not r or "median_s" not in r:
         return ""
-    return f"{r['median_s'] * 1e3:.0f} ({r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f})"
+    f = ".1f" if r["median_s"] < 0.01 else ".0f"  # a few ms: one decimal
+    return f"{r['median_s'] * 1e3:{f}} ({r['min_s'] * 1e3:{f}}-{r['max_s'] * 1e3:{f}})"
 
 
 def log_fn(args):
