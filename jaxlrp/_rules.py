@@ -290,7 +290,7 @@ class Flat(Rule):
 
   def propagate(self, m, relevance):
     ones_w = jnp.ones_like(m.w)
-    n = m.apply(ones_w, jnp.ones_like(m.x))
+    n = m.apply(ones_w, m.ones_input())
     return m.transpose(ones_w, relevance / stabilize(n, self.epsilon))
 
 
@@ -316,7 +316,7 @@ class WSquare(Rule):
     w2 = m.w * m.w
     s2 = 1.0 if m.s is None else m.s * m.s
     b = m.bias(self.zero_bias)
-    den = m.apply(w2, jnp.ones_like(m.x)) * s2 + b * b
+    den = m.apply(w2, m.ones_input()) * s2 + b * b
     return m.transpose(w2, s2 * relevance / stabilize(den, self.epsilon))
 
 
@@ -488,6 +488,16 @@ class LayerMath:
   feeds_relu: bool = False  # relevance is zero wherever z <= 0 (the output feeds a ReLU directly)
   stack_forward: bool = False  # F_many / T_many: several weights as one weight-stacked op (see below)
   stack_transpose: bool = False  # T_sum: several transposes as one transpose of the weight-stacked op
+  sample_axis: Optional[int] = None  # x's batch axis where one sample's output depends on that sample alone
+
+  def ones_input(self):
+    """An all-ones input for sample-independent constants (a fan-in, a denominator): one sample where
+    `sample_axis` is known (the result broadcasts over the batch), else shaped like x."""
+    if self.sample_axis is None:
+      return jnp.ones_like(self.x)
+    shape = list(self.x.shape)
+    shape[self.sample_axis] = 1
+    return jnp.ones(shape, self.x.dtype)
 
   @property
   def linear_out(self):
