@@ -488,13 +488,15 @@ def _conv_stacking(unit: Unit, weight_shape) -> tuple:
   return out_ch <= 64 and in_ch >= 8, in_ch <= 4
 
 
-def _conv_sample_axis(unit: Unit):
+def _conv_sample_axis(unit: Unit, x):
   """The data input's batch axis for a convolution whose output at one sample depends on that sample alone (no
   batch groups, no reshaping epilogue), else None: Flat and WSquare then count fan-ins on one sample (a whole
-  first-layer convolution of ones over the batch saved, and its buffer: 103 MB at ResNet-50 b32)."""
+  first-layer convolution of ones over the batch saved, and its buffer: 103 MB at ResNet-50 b32). Not for a
+  sharded input (an explicit mesh axis or shard_map's manual axes): a one-sample array would not match its type."""
   main = unit.main
   if (unit.kind != "conv" or main.prim_name != "conv_general_dilated" or unit.data_pos[0] != 0
-      or main.params.get("batch_group_count", 1) != 1 or any(e.prim_name in _SHAPE_OPS for e in unit.epilogue)):
+      or main.params.get("batch_group_count", 1) != 1 or any(e.prim_name in _SHAPE_OPS for e in unit.epilogue)
+      or _explicitly_sharded(x) or _varying_axes(x)):
     return None
   return main.params["dimension_numbers"].lhs_spec[0]
 
@@ -628,7 +630,7 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
       w, s = w * _scale_for_weight(s, unit.fold_axes, w.ndim), None
     m = LayerMath(lin, xc, w, z.astype(cd), s, t, unit.nonneg_input and not rule_.input_rule,
                   tuple(_cast(b, cd) for b in bounds) if bounds_given else None, unit.feeds_relu,
-                  *_conv_stacking(unit, w.shape), sample_axis=_conv_sample_axis(unit))
+                  *_conv_stacking(unit, w.shape), sample_axis=_conv_sample_axis(unit, xc))
     out = rule_.propagate(m, z.astype(cd) * g.astype(cd))
     if relu is not None:  # relu(u) > 0 exactly where u > 0; masking by u keeps the mask independent of g
       out = jnp.where(u > 0, out, jnp.zeros((), out.dtype))
