@@ -18,6 +18,7 @@ from jaxlrp._composites import Composite, OpInfo, as_selector
 from jaxlrp._errors import RulePlacementError, UnsupportedOpError
 from jaxlrp._graph import Analysis, Unit, analyse
 from jaxlrp._jax import Lit, bind, bind_with
+from jaxlrp._jax import replay as _replay
 from jaxlrp._rules import LAYER_KINDS, LayerMath, Rule, ZBox, compute_dtype, stabilize
 
 __all__ = ["lrp", "plan"]
@@ -463,12 +464,9 @@ def _cast(x, dtype):
   return jnp.asarray(x).astype(dtype)
 
 
-def _replay(eqns, env: dict) -> dict:
-  """Binds `eqns` in order, reading and writing `env` (id -> value); literals are read in place."""
-  for e in eqns:
-    outs = bind(e, *[a.val if isinstance(a, Lit) else env[a] for a in e.ins])
-    env.update(zip(e.outs, outs))
-  return env
+def _is_data_lhs_conv(unit: Unit) -> bool:
+  """A `conv_general_dilated` layer with the data as its lhs (the weight as the kernel)."""
+  return unit.kind == "conv" and unit.main.prim_name == "conv_general_dilated" and unit.data_pos[0] == 0
 
 
 def _conv_stacking(unit: Unit, weight_shape) -> tuple:
@@ -480,10 +478,9 @@ def _conv_stacking(unit: Unit, weight_shape) -> tuple:
   difference at 128 channels; two transposes of the 7x7 convolution on an image's 3 channels take 122 ms as one
   transpose of the stacked op and 193 ms apart, with no gain for wider inputs.
   """
-  main = unit.main
-  if unit.kind != "conv" or main.prim_name != "conv_general_dilated" or unit.data_pos[0] != 0:
+  if not _is_data_lhs_conv(unit):
     return False, False
-  rhs_spec = main.params["dimension_numbers"].rhs_spec
+  rhs_spec = unit.main.params["dimension_numbers"].rhs_spec
   out_ch, in_ch = weight_shape[rhs_spec[0]], weight_shape[rhs_spec[1]]
   return out_ch <= 64 and in_ch >= 8, in_ch <= 4
 
@@ -494,8 +491,7 @@ def _conv_sample_axis(unit: Unit, x):
   first-layer convolution of ones over the batch saved, and its buffer: 103 MB at ResNet-50 b32). Not for a
   sharded input (an explicit mesh axis or shard_map's manual axes): a one-sample array would not match its type."""
   main = unit.main
-  if (unit.kind != "conv" or main.prim_name != "conv_general_dilated" or unit.data_pos[0] != 0
-      or main.params.get("batch_group_count", 1) != 1 or any(e.prim_name in _SHAPE_OPS for e in unit.epilogue)
+  if (not _is_data_lhs_conv(unit) or main.params.get("batch_group_count", 1) != 1 or any(e.prim_name in _SHAPE_OPS for e in unit.epilogue)
       or _explicitly_sharded(x) or _varying_axes(x)):
     return None
   return main.params["dimension_numbers"].lhs_spec[0]

@@ -66,7 +66,7 @@ class FirstDense:
   def weight(self, consts, params):
     """The dot's weight operand; `params` are the flat parameter leaves."""
     w = self.dot.ins[1]
-    return w.val if isinstance(w, Lit) else _evaluate(self.weight_eqns, self._env(consts, params))[w]
+    return w.val if isinstance(w, Lit) else _jax.replay(self.weight_eqns, self._env(consts, params))[w]
 
   def lhs(self, v):
     """`v` (shaped like x) as the dot reads x."""
@@ -76,14 +76,8 @@ class FirstDense:
     """The program's flat outputs given the dot's output `z` (one copy of the batch)."""
     env = self._env(consts, params)
     env[self.dot.outs[0]] = z
-    env = _evaluate(self.rest_eqns, env)
+    env = _jax.replay(self.rest_eqns, env)
     return [a.val if isinstance(a, Lit) else env[a] for a in self.outvars]
-
-
-def _evaluate(eqns, env: dict) -> dict:
-  for e in eqns:
-    env.update(zip(e.outs, _jax.bind(e, *[a.val if isinstance(a, Lit) else env[a] for a in e.ins])))
-  return env
 
 
 def _needed(eqns, targets, known) -> tuple:

@@ -150,6 +150,13 @@ def bind(eqn: Eqn, *args):
   return list(out) if eqn.prim.multiple_results else [out]
 
 
+def replay(eqns, env: dict) -> dict:
+  """Binds `eqns` in order, reading and writing `env` (id -> value); literals are read in place."""
+  for e in eqns:
+    env.update(zip(e.outs, bind(e, *[a.val if isinstance(a, Lit) else env[a] for a in e.ins])))
+  return env
+
+
 def bind_with(eqn: Eqn, args, **overrides):
   """Like `bind`, with some parameters replaced (e.g. `preferred_element_type` for an upcast replay)."""
   params = eqn.prim.get_bind_params({**eqn.params, **overrides})

@@ -470,6 +470,7 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
       it run per copy. `None` (default): where that pays, from about `32 log2(D)` copies on (e.g. all 1024 steps of
       one feature of D = 1024: 2.8x faster on a CPU); `True`: always where the model allows it; `False`: never.
       A convolution first, or an input used twice, runs every copy through the whole model.
+
   Returns:
     `[B, steps + 1]`: the score before (column 0) and after each step.
 
