@@ -6,9 +6,10 @@ removed by step k set to the baseline. When the input feeds one dense layer firs
 
     z_k = x_k W = z_0 + sum over the elements i removed by step k of (b_i - x_i) W[i, :]
 
-Listing each sample's elements in removal order (a gather from a static table of each region's elements, no sort)
-and taking a cumulative sum of these contributions gives every z_k at the cost of about one first-layer forward instead of `steps + 1`; only the rest of the program (everything
-after the dot_general, a bias add included) runs per copy.
+Gathering each step's elements in removal order (from static tables of each region's elements and each step's
+regions, no sort) and taking a running sum of these contributions gives every z_k at the cost of about one
+first-layer forward instead of `steps + 1`; only the rest of the program (everything after the dot_general, a bias
+add included) runs per copy.
 
 `first_dense` finds that split in the traced program of `fn(params, x)`. It returns None, and the caller evaluates
 every copy through the whole model, unless x reaches exactly one dot_general, as its lhs, through shape-only
@@ -54,11 +55,6 @@ class FirstDense:
   @property
   def out_aval(self):
     return self.dot.out_avals[0]
-
-  @property
-  def cumulative_size(self) -> int:
-    """Elements of the `[B, D, H]` cumulative sum."""
-    return math.prod(self.lhs_shape) * math.prod(self.out_aval.shape[1:])
 
   def _env(self, consts, params) -> dict:
     return dict(zip(self.const_ids, [*consts, *self.inner_consts])) | dict(zip(self.param_ids, params))
@@ -166,29 +162,54 @@ def region_members(ids: np.ndarray, n: int) -> np.ndarray:
   return table
 
 
-def cumulative(split: FirstDense, w, x, base, element_order):
-  """The first layer on every cumulatively perturbed copy, as `(z0, sums)`.
+def step_table(counts: np.ndarray) -> np.ndarray:
+  """`[S, P]`: for each step k = 1..S, the positions in the removal order of the regions it removes
+  (`counts[k - 1]` up to `counts[k]`), padded with -1 to the largest step's P."""
+  counts = np.asarray(counts, np.int64)
+  sizes = np.diff(counts)
+  width = max(1, int(sizes.max(initial=0)))
+  slots = np.arange(width)[None]
+  return np.where(slots < sizes[:, None], counts[:-1, None] + slots, -1).astype(np.int32)
 
-  `element_order` (`[B, L]`, int) lists each sample's elements in removal order, with -1 for padding (no element);
-  `sums[b, n]` (`[B, L + 1, H]`) is the change of the pre-activations of sample b once the first n entries of its
-  order are removed (set to `base`), so the pre-activations of a copy are `z0 + sums[b, n]`.
+
+def curve(split: FirstDense, w, x, base, sequence, members: np.ndarray, counts: np.ndarray, score, block: int):
+  """The scores of the copies of the batch with the first `counts[k]` regions of each sample's order removed,
+  `[B, S + 1]`, evaluating only the layers after the first dense one per copy.
+
+  `sequence` (`[B, n]`, int) lists each sample's regions in removal order; `members` (`[n, m]`, static) each
+  region's elements, padded with -1; `counts` (`[S + 1]`, static) the schedule; `score(z)` maps the dot's output for
+  one copy of the batch to `[B]`. A `lax.scan` over blocks of `block` steps carries the pre-activations: each block
+  gathers its steps' `(b_i - x_i) W[i, :]`, sums them per step, takes a running sum and scores its copies, so no
+  `[B, D, H]` array is ever held (the block's `[B, block, H]` stays in cache).
   """
-  out = split.out_aval
-  acc = jnp.promote_types(out.dtype, jnp.float32)
+  acc = jnp.promote_types(split.out_aval.dtype, jnp.float32)
   lhs = split.lhs(x)
   z0 = _jax.bind(split.dot, lhs, w)[0]  # the unperturbed copy exactly as the model computes it
   batch, size = lhs.shape[0], math.prod(lhs.shape[1:])
   weight = jnp.transpose(w, split.weight_axes).reshape(size, -1).astype(acc)  # [D, H]: rows in x's element order
-  weight = jnp.concatenate([weight, jnp.zeros_like(weight[:1])])  # row D: the padding's (-1 -> D) zero row
+  weight = jnp.concatenate([weight, jnp.zeros_like(weight[:1])])  # row D: the padding's zero row
   delta = (split.lhs(jnp.broadcast_to(base, x.shape)).astype(acc) - lhs.astype(acc)).reshape(batch, size)
   delta = jnp.concatenate([delta, jnp.zeros_like(delta[:, :1])], axis=1)
-  order = jnp.where(element_order < 0, size, element_order)
-  contributions = jnp.take_along_axis(delta, order, axis=1)[:, :, None] * weight[order]  # [B, L, H]
-  sums = jax.lax.associative_scan(jnp.add, contributions, axis=1)  # jnp.cumsum's reduce-window was 3x slower
-  return z0, jnp.concatenate([jnp.zeros_like(sums[:, :1]), sums], axis=1)
+  n = sequence.shape[1]
+  # a padding slot points at region n, whose members are all the zero row D
+  members = np.concatenate([np.where(members < 0, size, members), np.full((1, members.shape[1]), size)])
+  sequence = jnp.concatenate([sequence, jnp.full((batch, 1), n, sequence.dtype)], axis=1)
+  table = step_table(counts)
+  steps, width = table.shape
+  blocks = -(-steps // block)
+  table = np.concatenate([table, np.full((blocks * block - steps, width), -1, np.int32)])
+  table = np.where(table < 0, n, table).reshape(blocks, block, width)
+  members = jnp.asarray(members, jnp.int32)
 
+  def run_block(carry, positions):  # positions: [block, width] slots of the removal order
+    regions = jnp.take(sequence, positions.reshape(-1), axis=1)  # [B, block * width]
+    elements = jnp.take(members, regions, axis=0).reshape(batch, -1)  # [B, block * width * m]
+    d = jnp.take_along_axis(delta, elements, axis=1)
+    change = (d[..., None] * weight[elements]).reshape(batch, block, -1, weight.shape[1]).sum(axis=2)
+    z = carry[:, None] + jnp.cumsum(change, axis=1)  # [B, block, H]
+    copies = jax.vmap(lambda zk: score(zk.reshape(z0.shape).astype(z0.dtype)), in_axes=1, out_axes=1)(z)
+    return z[:, -1], copies
 
-def pre_activation(split: FirstDense, z0, sums, removed):
-  """The dot's output for the copy with the first `removed[b]` elements of each sample b removed."""
-  change = jnp.take_along_axis(sums, removed[:, None, None], axis=1)[:, 0]
-  return (z0.astype(change.dtype) + change.reshape(z0.shape)).astype(split.out_aval.dtype)
+  _, scores = jax.lax.scan(run_block, z0.reshape(batch, -1).astype(acc), jnp.asarray(table))
+  scores = jnp.moveaxis(scores, 0, 1).reshape(batch, blocks * block)[:, :steps]
+  return jnp.concatenate([score(z0)[:, None], scores], axis=1)

@@ -236,22 +236,75 @@ def _region_relevance(relevance, x_shape: tuple[int, ...], patch: int, n: int):
 # ([B, n, n] booleans) instead of sorted: XLA's CPU sort took ~1 ms for 128 x 64 features, the MLP's whole forward
 # over all 65 copies about as long.
 _PAIRWISE_RANK_MAX = 256
+# Above that and up to this many, a CPU sorts with a bitonic network of elementwise passes: 3x faster than XLA's
+# CPU sort for 128 x 256-4096 keys (6 vs 18 ms for 1024), slower for 8 x 50176.
+_BITONIC_MAX = 8192
+
+
+def _order_keys(scores, order: str, key):
+  """Keys whose ascending order is the removal order."""
+  if order == "morf":
+    return -scores
+  if order == "lerf":
+    return scores
+  return _draw(jax.random.uniform, key, scores.shape)
+
+
+def _pairwise_rank(keys):
+  """Each key's position in the stable ascending order, by comparing all pairs (ties: lower index first)."""
+  n = keys.shape[-1]
+  earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [i, j]: j < i
+  a, b = keys[..., :, None], keys[..., None, :]  # region i against region j
+  return jnp.sum((b < a) | ((b == a) & earlier), axis=-1, dtype=jnp.int32)
+
+
+def _bitonic_argsort(keys):
+  """Stable ascending argsort along the last axis (ties: lower index first; -0.0 ties 0.0, as `<` sees them) by a
+  bitonic sorting network over (key, index) pairs, padded to a power of two with +inf."""
+  n = keys.shape[-1]
+  size = 1 << max(0, (n - 1).bit_length())
+  lead = keys.shape[:-1]
+  k = jnp.concatenate([keys, jnp.full(lead + (size - n,), jnp.inf, keys.dtype)], -1) if size > n else keys
+  i = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), k.shape)
+  position = np.arange(size)
+  span = 2
+  while span <= size:  # merge bitonic runs of `span`, comparing elements `half` apart
+    half = span // 2
+    while half >= 1:
+      pairs = lead + (size // (2 * half), 2, half)
+      kr, ir = k.reshape(pairs), i.reshape(pairs)
+      ka, kb, ia, ib = kr[..., 0, :], kr[..., 1, :], ir[..., 0, :], ir[..., 1, :]
+      a_first = (ka < kb) | ((ka == kb) & (ia < ib))
+      ascending = (position.reshape(pairs[len(lead):])[:, 0, :] & span) == 0
+      keep = a_first == ascending
+      k = jnp.stack([jnp.where(keep, ka, kb), jnp.where(keep, kb, ka)], -2).reshape(k.shape)
+      i = jnp.stack([jnp.where(keep, ia, ib), jnp.where(keep, ib, ia)], -2).reshape(i.shape)
+      half //= 2
+    span *= 2
+  return i[..., :n]
+
+
+def _argsort(keys):
+  n = keys.shape[-1]
+  if jax.default_backend() == "cpu" and n <= _BITONIC_MAX:
+    return _bitonic_argsort(keys)
+  return jnp.argsort(keys, axis=-1, stable=True)
 
 
 def _rank(scores, order: str, key):
   """Position of each region in the removal order, `[B, n]` (0 = removed first). Ties: lower index first."""
-  if order == "morf":
-    keys = -scores
-  elif order == "lerf":
-    keys = scores
-  else:
-    keys = _draw(jax.random.uniform, key, scores.shape)
-  n = keys.shape[-1]
-  if n > _PAIRWISE_RANK_MAX:
-    return _inverse_permutation(jnp.argsort(keys, axis=-1, stable=True))
-  earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [i, j]: j < i
-  a, b = keys[..., :, None], keys[..., None, :]  # region i against region j
-  return jnp.sum((b < a) | ((b == a) & earlier), axis=-1, dtype=jnp.int32)
+  keys = _order_keys(scores, order, key)
+  if keys.shape[-1] > _PAIRWISE_RANK_MAX:
+    return _inverse_permutation(_argsort(keys))
+  return _pairwise_rank(keys)
+
+
+def _removal_order(scores, order: str, key):
+  """The regions in removal order, `[B, n]` (the inverse permutation of `_rank`)."""
+  keys = _order_keys(scores, order, key)
+  if keys.shape[-1] > _PAIRWISE_RANK_MAX:
+    return _argsort(keys)
+  return _inverse_permutation(_pairwise_rank(keys))
 
 
 def _inverse_permutation(p):
@@ -351,70 +404,105 @@ class _CurveSpec(NamedTuple):
   patch: int
   n_regions: int
   baseline: _BaselineSpec
-  chunk_size: int | None
+  chunk_size: int | None  # as given: None picks per path (`_auto_chunk`)
   incremental: bool | None
+  schedule: tuple  # regions removed after each step k = 0..S
+
+
+# Traces of model functions, reused for an equal function at the same argument types (as `jax.jit` reuses its
+# traces): re-tracing a flax model costs about a millisecond per call, more than a small model's whole curve.
+_TRACES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _trace_key(model, output_fn, params, x):
+  """The cache key of a model's trace, or None where a cached trace could go stale or leak: an unhashable function,
+  or arguments that are tracers (a trace under an outer transformation is a one-time cost anyway)."""
+  leaves = jax.tree_util.tree_leaves((params, x))
+  if any(isinstance(v, jax.core.Tracer) for v in leaves):
+    return None
+  try:
+    key = ("model", model, output_fn, params is None, jax.tree_util.tree_structure((params, x)),
+           tuple(jax.typeof(v) for v in leaves))  # shape, dtype, weak type and (explicit) sharding
+    hash(key)
+  except TypeError:
+    return None
+  return key
 
 
 def _model_program(model, output_fn, params, x, closed_out: list | None = None) -> _Traced:
-  if params is None:
-    fn = (lambda p, xx: model(xx)) if output_fn is None else (lambda p, xx: output_fn(model(xx)))
+  """The traced `model` (with `output_fn`), cached when the function is hashable and closes over no arrays.
+
+  A function that closes over arrays (a lambda over a parameter dict, an nnx or Equinox module holding its weights)
+  is traced on every call, so that a change to those arrays is always seen."""
+  key = _trace_key(model, output_fn, params, x)
+  hit = _TRACES.get(key) if key is not None else None
+  if hit is not None:
+    _TRACES.move_to_end(key)
+    traced, closed = hit
   else:
-    fn = model if output_fn is None else (lambda p, xx: output_fn(model(p, xx)))
-  return _trace(fn, params, x, closed_out=closed_out)
-
-
-# The incremental first layer holds a [B, D, H] cumulative sum (plus its [B, D, H] summands); above this many
-# elements every copy goes through the whole model instead.
-_INCREMENTAL_MAX_ELEMENTS = 2 ** 26
+    if params is None:
+      fn = (lambda p, xx: model(xx)) if output_fn is None else (lambda p, xx: output_fn(model(xx)))
+    else:
+      fn = model if output_fn is None else (lambda p, xx: output_fn(model(p, xx)))
+    found: list = []
+    traced = _trace(fn, params, x, closed_out=found)
+    closed = found[0]
+    if key is not None and not traced.consts:
+      _TRACES[key] = (traced, closed)
+      while len(_TRACES) > 32:
+        _TRACES.popitem(last=False)
+  if closed_out is not None:
+    closed_out.append(closed)
+  return traced
 
 
 def _incremental_pays(steps_plus_one: int, split: _incremental.FirstDense) -> bool:
   """By default the first layer is evaluated incrementally when there are enough copies to pay for it.
 
-  The incremental path costs a fixed gather and log2(D)-pass scan over `[B, D, H]`, memory-bound; the plain path
-  one matrix product per copy. Measured on a 2-core CPU (MLPs D-64-10, all steps of 1 feature): D = 64, 65 copies
-  1.2 ms vs 0.9 ms plain; D = 256, 257 copies 22.6 vs 25.4 ms; D = 1024, 65 copies 38 vs 21 ms, 1025 copies 38 vs
-  108 ms. Break-even lies near 10-30 log2(D) copies; this takes the incremental path from 32 log2(D) on.
+  The incremental path gathers the removed elements' weight rows once (about one first-layer forward in all) and
+  scans over blocks of steps; the plain path runs one first-layer matrix product per copy. Measured in `jax.jit` on
+  a 2-core CPU (MLPs D-64-10, batch 128, plain vs incremental): D = 64: 17 copies 0.45 vs 0.96 ms, 65 copies 1.31
+  vs 1.26 ms; D = 1024: 17 copies 11.7 vs 10.5 ms, 1025 copies 161 vs 17 ms. This takes the incremental path
+  from max(16, 4096 / D) copies on.
   """
-  return steps_plus_one >= 32 * math.log2(max(2, math.prod(split.lhs_shape[1:])))
+  return steps_plus_one >= max(16, 4096 // max(1, math.prod(split.lhs_shape[1:])))
 
 
 def _curve_impl(spec: _CurveSpec, traced: _Traced, split: _incremental.FirstDense | None, consts, params, x,
-                relevance, target, counts, key, value, urange):
+                relevance, target, key, value, urange):
   model = traced.bind(consts)
   target = _batch_targets(target, x.shape[0])
+  counts = np.asarray(spec.schedule, np.int32)
   k_order, k_noise = jax.random.split(key)
   ids, _ = _region_ids(x.shape[1:], spec.patch)
-  rank = _rank(_region_relevance(relevance, x.shape[1:], spec.patch, spec.n_regions), spec.order, k_order)
+  scores = _region_relevance(relevance, x.shape[1:], spec.patch, spec.n_regions)
   base = _baseline_values(spec.baseline, x, k_noise, value, urange)
-  if (split is not None and split.cumulative_size <= _INCREMENTAL_MAX_ELEMENTS
-      and (spec.incremental or _incremental_pays(counts.shape[0], split))):
-    return _incremental_curve(split, traced, consts, params, x, ids, _inverse_permutation(rank), base, target,
-                              counts, spec.chunk_size)
+  if split is not None and (spec.incremental or _incremental_pays(len(counts), split)):
+    return _incremental_curve(spec, split, traced, consts, params, x, ids, _removal_order(scores, spec.order, k_order),
+                              base, target, counts)
+  rank = _rank(scores, spec.order, k_order)
   rank_x = jnp.take(rank, ids, axis=1)  # [B, *x.shape[1:]]: when each element is removed
 
   def score_after(count):
     return _pick(model(params, jnp.where(rank_x < count, base, x)), target)
 
-  return _map(score_after, counts, spec.chunk_size).T
+  return _map(score_after, jnp.asarray(counts), _auto_chunk(spec.chunk_size, x.size)).T
 
 
-def _incremental_curve(split: _incremental.FirstDense, traced: _Traced, consts, params, x, ids, sequence, base,
-                       target, counts, chunk_size):
+def _incremental_curve(spec: _CurveSpec, split: _incremental.FirstDense, traced: _Traced, consts, params, x, ids,
+                       sequence, base, target, counts):
   """`_curve_impl`'s curve with the first dense layer evaluated once for all copies (`jaxlrp._incremental`)."""
   leaves = jax.tree_util.tree_leaves(params)
   members = _incremental.region_members(ids.reshape(-1), sequence.shape[-1])  # [n, m], padded with -1
-  element_order = jnp.take(jnp.asarray(members), sequence, axis=0).reshape(sequence.shape[0], -1)
-  z0, sums = _incremental.cumulative(split, split.weight(consts, leaves), x, base, element_order)
-  # after step k the first counts[k] regions of the order are removed: the first counts[k] * m padded elements
-  removed = jnp.broadcast_to((counts * members.shape[1])[:, None], (counts.shape[0], x.shape[0]))  # [steps + 1, B]
 
-  def score_after(n):
-    z = _incremental.pre_activation(split, z0, sums, n)
-    out = jax.tree_util.tree_unflatten(traced.out_tree, split.rest(consts, leaves, z))
-    return _pick(out, target)
+  def score(z):
+    return _pick(jax.tree_util.tree_unflatten(traced.out_tree, split.rest(consts, leaves, z)), target)
 
-  return _map(score_after, removed, chunk_size).T
+  # steps per scan block: by default about 2^17 gathered weight elements (the block's working set stays in cache)
+  width = _incremental.step_table(counts).shape[1] * members.shape[1] * math.prod(split.out_aval.shape)
+  block = min(len(counts) - 1, _auto_chunk(spec.chunk_size, width) or len(counts))
+  return _incremental.curve(split, split.weight(consts, leaves), x, base, sequence, members, counts, score,
+                            max(1, block))
 
 
 def perturbation_curve(model: Callable, x, relevance, target, *, params=None, order: str = "morf", patch: int = 1,
@@ -462,13 +550,14 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
     uniform_range: `(low, high)` for `baseline="uniform"`; default: each sample's `[min, max]`.
     chunk_size: evaluate this many steps (perturbed copies of the batch) per model call, in a `jax.lax.map` over
       chunks (bounded memory). `None` (default): all `steps + 1` copies in one vmapped call on an accelerator;
-      on a CPU, chunks of about 2^17 input elements (faster there once the copies outgrow the caches).
+      on a CPU, chunks of about 2^17 input elements (faster there once the copies outgrow the caches). With the
+      incremental first layer: steps per scan block (default on a CPU: about 2^17 gathered weights per block).
     incremental: evaluate the first dense layer incrementally when the input feeds only it (exact): for a model
       whose input reaches one `dot_general` through reshapes or casts only (an MLP on `[B, D]`,
-      `x.reshape(B, -1) @ W` on images), the copies' pre-activations are `z_0` plus cumulative sums of
+      `x.reshape(B, -1) @ W` on images), the copies' pre-activations are `z_0` plus running sums of
       `(b_i - x_i) W[i, :]` in removal order, one first-layer pass instead of `steps + 1`, and only the layers after
-      it run per copy. `None` (default): where that pays, from about `32 log2(D)` copies on (e.g. all 1024 steps of
-      one feature of D = 1024: 2.8x faster on a CPU); `True`: always where the model allows it; `False`: never.
+      it run per copy. `None` (default): where that pays, from `max(16, 4096 / D)` copies on (e.g. all 1024 steps
+      of one feature of D = 1024: 9x faster on a CPU); `True`: always where the model allows it; `False`: never.
       A convolution first, or an input used twice, runs every copy through the whole model.
 
   Returns:
@@ -496,15 +585,15 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
   target = _targets(target, x.shape[0])
   closed: list = []
   traced = _model_program(model, output_fn, params, x, closed_out=closed)
-  spec = _CurveSpec(order, int(patch), n, base_spec, _auto_chunk(chunk_size, x.size),
-                     None if incremental is None else bool(incremental))
+  spec = _CurveSpec(order, int(patch), n, base_spec, chunk_size, None if incremental is None else bool(incremental),
+                    tuple(int(c) for c in counts))
 
   def build():  # on a cache miss only: the split is derived from the traced program, which the key identifies
     split = _incremental.first_dense(closed[0]) if spec.incremental is not False else None
     return lambda *a: _curve_impl(spec, traced, split, *a)
 
   fn = _compiled(("curve", spec, traced.key), build)
-  return fn(traced.consts, params, x, relevance, target, counts, key, value, urange)
+  return fn(traced.consts, params, x, relevance, target, key, value, urange)
 
 
 @jax.jit

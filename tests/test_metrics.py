@@ -558,6 +558,49 @@ def test_incremental_image_dense_patches():
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
+def test_incremental_uneven_schedules_and_scan_blocks():
+  """Steps of different sizes (`steps` alone), a partial curve (`steps` and `per_step`), and scan blocks that do not
+  divide the steps (`chunk_size`): the incremental path against the full model and the NumPy loop."""
+  rng = np.random.default_rng(21)
+  x = rng.normal(size=(4, 10)).astype(np.float32)
+  r = rng.normal(size=x.shape).astype(np.float32)
+  t = np.array([0, 1, 2, 1])
+  p = make_params(10, seed=22)
+  cases = [(dict(steps=4), [0, 2, 5, 7, 10]), (dict(steps=3, per_step=2), [0, 2, 4, 6]),
+           (dict(per_step=1, chunk_size=3), list(range(11))), (dict(per_step=4, chunk_size=2), [0, 4, 8, 10])]
+  for options, counts in cases:
+    got = _both_paths(FlaxMLP().apply, x, r, t, params=p, **options)
+    want = ref_curve(p, x, r, t, patch=1, order="morf", counts=counts, baseline=ref_baseline(x, "zeros"))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_a_model_trace_is_reused_only_without_closed_over_arrays():
+  """An equal hashable function at the same argument types reuses its trace (flax's `apply`, a new bound method
+  on each access); a function that reads arrays from its closure is traced again on every call, so that changed
+  arrays are seen."""
+  rng = np.random.default_rng(23)
+  x = rng.normal(size=(3, 6)).astype(np.float32)
+  r = rng.normal(size=x.shape).astype(np.float32)
+  t = np.array([0, 1, 2])
+  p1, p2 = make_params(6, seed=24), make_params(6, seed=25)
+  model = FlaxMLP()
+  metrics._TRACES.clear()
+  a = metrics.perturbation_curve(model.apply, x, r, t, params=p1)
+  b = metrics.perturbation_curve(model.apply, x, r, t, params=p2)
+  assert len(metrics._TRACES) == 1  # one trace for both calls: parameters are arguments
+  for p, got in ((p1, a), (p2, b)):
+    want = ref_curve(p, x, r, t, patch=1, order="morf", counts=list(range(7)), baseline=ref_baseline(x, "zeros"))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  state = {"params": p1}
+  closure = lambda xx: model.apply(state["params"], xx)  # noqa: E731
+  c1 = metrics.perturbation_curve(closure, x, r, t)
+  state["params"] = p2
+  c2 = metrics.perturbation_curve(closure, x, r, t)
+  assert len(metrics._TRACES) == 1  # the closure over arrays was not cached
+  np.testing.assert_allclose(c1, a, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(c2, b, rtol=RTOL, atol=ATOL)
+
+
 def test_incremental_reads_the_contracting_dimensions():
   # The weight transposed ([H, D]), and an image contracted directly over its (permuted) axes: no reshape.
   rng = np.random.default_rng(13)
@@ -611,8 +654,25 @@ def test_rank_by_comparison_equals_rank_by_sort(order, monkeypatch):
   scores[0, :6] = [0.0, -0.0, 0.0, -0.0, 1.0, -0.0]
   keys = -scores if order == "morf" else scores
   want = np.stack([np.argsort(np.lexsort((np.arange(40), k + 0.0))) for k in keys])  # + 0.0: -0.0 -> 0.0
+  want_order = np.argsort(want, axis=-1)
   pairwise = metrics._rank(jnp.asarray(scores), order, None)
-  monkeypatch.setattr(metrics, "_PAIRWISE_RANK_MAX", 8)
-  by_sort = metrics._rank(jnp.asarray(scores), order, None)
   np.testing.assert_array_equal(np.asarray(pairwise), want)
-  np.testing.assert_array_equal(np.asarray(by_sort), want)
+  np.testing.assert_array_equal(np.asarray(metrics._removal_order(jnp.asarray(scores), order, None)), want_order)
+  monkeypatch.setattr(metrics, "_PAIRWISE_RANK_MAX", 8)
+  for bitonic_max in (0, 64):  # XLA's sort, then (on a CPU) the bitonic network
+    monkeypatch.setattr(metrics, "_BITONIC_MAX", bitonic_max)
+    np.testing.assert_array_equal(np.asarray(metrics._rank(jnp.asarray(scores), order, None)), want)
+    np.testing.assert_array_equal(np.asarray(metrics._removal_order(jnp.asarray(scores), order, None)), want_order)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 100, 1000])
+def test_bitonic_argsort_is_a_stable_argsort(n):
+  """The bitonic network against NumPy's lexsort (ties by index) on any length, padded or not, with ties and
+  infinities."""
+  rng = np.random.default_rng(n)
+  keys = rng.integers(-5, 6, size=(3, n)).astype(np.float32) * 0.25
+  keys[0, : n // 2] = rng.normal(size=n // 2)
+  keys[1, ::3] = np.inf
+  keys[2, 1::4] = -np.inf
+  want = np.stack([np.lexsort((np.arange(n), k)) for k in keys])
+  np.testing.assert_array_equal(np.asarray(metrics._bitonic_argsort(jnp.asarray(keys))), want)
