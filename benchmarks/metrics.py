@@ -18,7 +18,7 @@ Methods, each returning the ``[B, steps + 1]`` curve as a NumPy array:
   in ``lax.map`` chunks of about 2^17 input elements per model call);
 - ``compiled, in jax.jit``: the same call wrapped once in ``jax.jit`` (as for repeated calls): no per-call tracing;
 - ``compiled, all at once``: the public call with ``chunk_size=steps + 1``: all copies in one vmapped model call
-  (the accelerator default);
+  (the accelerator default; on the incremental MLP path, all steps in one scan block);
 - ``compiled, not incremental`` (MLPs only): the public call with ``incremental=False``: every copy through the
   whole model (for the MLPs the default evaluates the first dense layer incrementally where that pays);
 - ``python loop``: what a user writes without it, and what Quantus' ``PixelFlipping`` does: sort the relevance on
