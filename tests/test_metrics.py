@@ -659,13 +659,15 @@ def test_rank_by_comparison_equals_rank_by_sort(order, monkeypatch):
   np.testing.assert_array_equal(np.asarray(pairwise), want)
   np.testing.assert_array_equal(np.asarray(metrics._removal_order(jnp.asarray(scores), order, None)), want_order)
   monkeypatch.setattr(metrics, "_PAIRWISE_RANK_MAX", 8)
-  for bitonic_max in (0, 64):  # XLA's sort, then (on a CPU) the bitonic network
+  for bitonic_max in (0, 64):  # XLA's sort, then (on a CPU) the bitonic network; jitted: eager, it is slow
     monkeypatch.setattr(metrics, "_BITONIC_MAX", bitonic_max)
-    np.testing.assert_array_equal(np.asarray(metrics._rank(jnp.asarray(scores), order, None)), want)
-    np.testing.assert_array_equal(np.asarray(metrics._removal_order(jnp.asarray(scores), order, None)), want_order)
+    rank, removal = jax.jit(lambda s: (metrics._rank(s, order, None), metrics._removal_order(s, order, None)))(
+        jnp.asarray(scores))
+    np.testing.assert_array_equal(np.asarray(rank), want)
+    np.testing.assert_array_equal(np.asarray(removal), want_order)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 100, 1000])
+@pytest.mark.parametrize("n", [1, 3, 64, 100, 1000])
 def test_bitonic_argsort_is_a_stable_argsort(n):
   """The bitonic network against NumPy's lexsort (ties by index) on any length, padded or not, with ties and
   infinities."""
@@ -675,4 +677,4 @@ def test_bitonic_argsort_is_a_stable_argsort(n):
   keys[1, ::3] = np.inf
   keys[2, 1::4] = -np.inf
   want = np.stack([np.lexsort((np.arange(n), k)) for k in keys])
-  np.testing.assert_array_equal(np.asarray(metrics._bitonic_argsort(jnp.asarray(keys))), want)
+  np.testing.assert_array_equal(np.asarray(jax.jit(metrics._bitonic_argsort)(jnp.asarray(keys))), want)
