@@ -125,19 +125,30 @@ def _static_key(fn):
     return ("id", id(fn))
 
 
-# On a CPU, evaluating all perturbed copies of a batch in one call is slower than in chunks once they outgrow the
-# caches (up to 2x for the quickstart CNN on digits, batch 128, 65 copies); about this many input elements per model
-# call did best there. Accelerators take everything at once.
+# On a CPU, evaluating all perturbed copies of a batch in one call is slower than in chunks once the copies' values
+# outgrow the caches: the quickstart CNN on digits (batch 128, 65 copies, largest value per copy 128 x 8 x 8 x 32)
+# took 52 ms one copy per call, 81 ms 16 per call and 165 ms all at once; the MLP 64-64-10 (largest value 128 x 64)
+# 0.8 ms 16 per call and 1.3 ms one per call. About this many elements of the model's largest value per call did
+# best for both. Accelerators take everything at once.
 _CPU_ELEMENTS_PER_CALL = 2 ** 17
 
 
 def _auto_chunk(chunk_size: int | None, elements_per_copy: int) -> int | None:
-  """`chunk_size`, or by default: all copies at once on an accelerator, ~2^17 input elements per call on a CPU."""
+  """`chunk_size`, or by default: all copies at once on an accelerator, ~2^17 elements per call on a CPU."""
   if chunk_size is not None:
     return chunk_size
   if jax.default_backend() != "cpu":
     return None
   return max(1, _CPU_ELEMENTS_PER_CALL // max(1, elements_per_copy))
+
+
+def _largest_value(closed, x) -> int:
+  """Elements of the largest value the traced model computes for one copy of the batch (at least x's)."""
+  try:
+    avals = _jax.flatten_program(closed).avals.values()
+  except Exception:  # noqa: BLE001 - an exotic program: size the chunks by x alone
+    return x.size
+  return max([x.size] + [math.prod(a.shape) for a in avals if hasattr(a, "shape")])
 
 
 def _map(fn: Callable, xs, chunk_size: int | None):
@@ -468,8 +479,8 @@ def _incremental_pays(steps_plus_one: int, split: _incremental.FirstDense) -> bo
   return steps_plus_one >= max(16, 4096 // max(1, math.prod(split.lhs_shape[1:])))
 
 
-def _curve_impl(spec: _CurveSpec, traced: _Traced, split: _incremental.FirstDense | None, consts, params, x,
-                relevance, target, key, value, urange):
+def _curve_impl(spec: _CurveSpec, traced: _Traced, split: _incremental.FirstDense | None, largest: int, consts,
+                params, x, relevance, target, key, value, urange):
   model = traced.bind(consts)
   target = _batch_targets(target, x.shape[0])
   counts = np.asarray(spec.schedule, np.int32)
@@ -486,7 +497,7 @@ def _curve_impl(spec: _CurveSpec, traced: _Traced, split: _incremental.FirstDens
   def score_after(count):
     return _pick(model(params, jnp.where(rank_x < count, base, x)), target)
 
-  return _map(score_after, jnp.asarray(counts), _auto_chunk(spec.chunk_size, x.size)).T
+  return _map(score_after, jnp.asarray(counts), _auto_chunk(spec.chunk_size, largest)).T
 
 
 def _incremental_curve(spec: _CurveSpec, split: _incremental.FirstDense, traced: _Traced, consts, params, x, ids,
@@ -550,7 +561,8 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
     uniform_range: `(low, high)` for `baseline="uniform"`; default: each sample's `[min, max]`.
     chunk_size: evaluate this many steps (perturbed copies of the batch) per model call, in a `jax.lax.map` over
       chunks (bounded memory). `None` (default): all `steps + 1` copies in one vmapped call on an accelerator;
-      on a CPU, chunks of about 2^17 input elements (faster there once the copies outgrow the caches). With the
+      on a CPU, chunks of about 2^17 elements of the model's largest value (faster there once the copies outgrow
+      the caches). With the
       incremental first layer: steps per scan block (default on a CPU: about 2^17 gathered weights per block).
     incremental: evaluate the first dense layer incrementally when the input feeds only it (exact): for a model
       whose input reaches one `dot_general` through reshapes or casts only (an MLP on `[B, D]`,
@@ -588,9 +600,10 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
   spec = _CurveSpec(order, int(patch), n, base_spec, chunk_size, None if incremental is None else bool(incremental),
                     tuple(int(c) for c in counts))
 
-  def build():  # on a cache miss only: the split is derived from the traced program, which the key identifies
+  def build():  # on a cache miss only: derived from the traced program, which the key identifies
     split = _incremental.first_dense(closed[0]) if spec.incremental is not False else None
-    return lambda *a: _curve_impl(spec, traced, split, *a)
+    largest = _largest_value(closed[0], x)
+    return lambda *a: _curve_impl(spec, traced, split, largest, *a)
 
   fn = _compiled(("curve", spec, traced.key), build)
   return fn(traced.consts, params, x, relevance, target, key, value, urange)
@@ -718,7 +731,7 @@ class _FaithSpec(NamedTuple):
   given: bool
   baseline: _BaselineSpec
   similarity: Any
-  chunk_size: int | None
+  chunk_size: int | None  # as given in the cache key; `build` fills in the default
 
 
 def _faith_impl(spec: _FaithSpec, traced: _Traced, similarity, consts, params, x, relevance, target, subsets, key,
@@ -810,10 +823,16 @@ def faithfulness_correlation(model: Callable, x, relevance, target, *, params=No
   key = _key_or_dummy(key, False, "")
   sim = _similarity(similarity)
   target = _targets(target, x.shape[0])
-  traced = _model_program(model, output_fn, params, x)
+  closed: list = []
+  traced = _model_program(model, output_fn, params, x, closed_out=closed)
   spec = _FaithSpec(int(patch), n, int(subset_size), int(num_subsets), subsets is not None, base_spec,
-                    _static_key(sim), _auto_chunk(chunk_size, x.size))
-  fn = _compiled(("faithfulness", spec, traced.key), lambda: lambda *a: _faith_impl(spec, traced, sim, *a))
+                    _static_key(sim), chunk_size)
+
+  def build():  # on a cache miss only: the chunk size follows from the traced program, which the key identifies
+    chunked = spec._replace(chunk_size=_auto_chunk(chunk_size, _largest_value(closed[0], x)))
+    return lambda *a: _faith_impl(chunked, traced, sim, *a)
+
+  fn = _compiled(("faithfulness", spec, traced.key), build)
   return fn(traced.consts, params, x, relevance, target, subsets, key, value, urange)
 
 
