@@ -491,8 +491,8 @@ def _conv_sample_axis(unit: Unit, x):
   first-layer convolution of ones over the batch saved, and its buffer: 103 MB at ResNet-50 b32). Not for a
   sharded input (an explicit mesh axis or shard_map's manual axes): a one-sample array would not match its type."""
   main = unit.main
-  if (not _is_data_lhs_conv(unit) or main.params.get("batch_group_count", 1) != 1 or any(e.prim_name in _SHAPE_OPS for e in unit.epilogue)
-      or _explicitly_sharded(x) or _varying_axes(x)):
+  if (not _is_data_lhs_conv(unit) or main.params.get("batch_group_count", 1) != 1
+      or any(e.prim_name in _SHAPE_OPS for e in unit.epilogue) or _explicitly_sharded(x) or _varying_axes(x)):
     return None
   return main.params["dimension_numbers"].lhs_spec[0]
 

@@ -562,8 +562,8 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
     chunk_size: evaluate this many steps (perturbed copies of the batch) per model call, in a `jax.lax.map` over
       chunks (bounded memory). `None` (default): all `steps + 1` copies in one vmapped call on an accelerator;
       on a CPU, chunks of about 2^17 elements of the model's largest value (faster there once the copies outgrow
-      the caches). With the
-      incremental first layer: steps per scan block (default on a CPU: about 2^17 gathered weights per block).
+      the caches). With the incremental first layer: steps per scan block (default on a CPU: about 2^17 gathered
+      weights per block).
     incremental: evaluate the first dense layer incrementally when the input feeds only it (exact): for a model
       whose input reaches one `dot_general` through reshapes or casts only (an MLP on `[B, D]`,
       `x.reshape(B, -1) @ W` on images), the copies' pre-activations are `z_0` plus running sums of
