@@ -13,9 +13,9 @@ timing. Most relevant pixels first, baseline 0:
 
 Methods, each returning the ``[B, steps + 1]`` curve as a NumPy array:
 
-- ``compiled``: one ``metrics.perturbation_curve`` call as a user makes it (the model is traced, the cached
-  executable looked up, the steps + 1 perturbed copies of the batch evaluated in one program: on a CPU by default
-  in ``lax.map`` chunks of about 2^17 input elements per model call);
+- ``compiled``: one ``metrics.perturbation_curve`` call as a user makes it (the model's trace made or reused, the
+  cached executable looked up, the steps + 1 perturbed copies of the batch evaluated in one program: on a CPU by default
+  in ``lax.map`` chunks of about 2^17 elements of the model's largest value per model call);
 - ``compiled, in jax.jit``: the same call wrapped once in ``jax.jit`` (as for repeated calls): no per-call tracing;
 - ``compiled, all at once``: the public call with ``chunk_size=steps + 1``: all copies in one vmapped model call
   (the accelerator default; on the incremental MLP path, all steps in one scan block);
@@ -37,7 +37,8 @@ the per-step overhead that compilation removes is small; for a small model the o
 
 Timing: interleaved rounds (``timing.time_interleaved``), medians of ``--repeats`` rounds, after one warm-up call of
 each method (compilation is reported separately); the JAX methods' rounds first, then the torch ones' (torch's
-OpenMP threads spin for a while after each call and would slow a JAX call right after it). Before timing, the compiled curve is checked against the loop's.
+OpenMP threads spin for a while after each call and would slow a JAX call right after it). Before timing, the
+compiled curve is checked against the loop's.
 
 Usage::
 
@@ -233,7 +234,8 @@ def measure(name: str, cfg: dict, batch: int, repeats: int, seed: int, with_quan
         "per_step": per_step,
         "model": "quickstart CNN" if cnn else "MLP 64-64-10",
         "dispatches_per_curve": {"compiled": 1, "python loop": steps + 1, "quantus": steps + 1},
-        "default_chunk_size_steps": metrics._auto_chunk(None, x.size),
+        "default_chunk_size_steps": metrics._auto_chunk(  # of the plain path (not the incremental one's blocks)
+            None, metrics._largest_value(jax.make_jaxpr(model.apply)(params, x), x)),
         "first_call_s": compile_s,
         "max_abs_diff_over_max_abs_score": max_diff,
         "load_average_before": load_before,
