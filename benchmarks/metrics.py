@@ -27,13 +27,21 @@ Methods, each returning the ``[B, steps + 1]`` curve as a NumPy array:
   ``median(python loop) / median(compiled)``; goal >= 10x.
 - ``torch loop``: the ``python loop`` with the PyTorch twin of the model (below) as the forward pass
   (``torch.no_grad``): separates the framework's share of Quantus' time from Quantus' own per-step work;
+- ``model passes only``: not a method but the loop's compute: the ``steps + 1`` copies the loop evaluates, made on
+  the host beforehand, through the jitted model in one program (``lax.map``, chunked as the library chunks them),
+  target scores read back. ``loop / model passes`` is the most that any method running every copy through the whole
+  model can gain over the loop on this machine; the FLOPs of those passes (XLA's cost analysis) at the machine's
+  float32 matrix-product rate (``matmul_peak_gflops``, a 2048 x 2048 product in jit) bound it for an ideal model
+  implementation (``compute_bound`` in the JSON, the second Markdown table);
 - ``quantus``: Quantus 0.6 ``PixelFlipping`` (``features_in_step`` = pixels per step, ``perturb_baseline=0.0``,
   logits) on a PyTorch twin of the model with the same weights (CPU torch): the tool used for this today. Skipped
   when torch or quantus is missing. Its curve is checked against jaxlrp's too.
 
 Both loops do the same steps + 1 forward passes of the batch as the compiled call, which does them in one program:
 on a CPU, where a forward pass of a convolutional net over the batch takes milliseconds, that compute dominates and
-the per-step overhead that compilation removes is small; for a small model the overhead dominates.
+the per-step overhead that compilation removes is small (``loop / model passes`` near 1); for a small model the
+overhead dominates. Only skipping work gains more than ``loop / model passes``: the incremental first dense layer
+(the MLP rows) does.
 
 Timing: interleaved rounds (``timing.time_interleaved``), medians of ``--repeats`` rounds, after one warm-up call of
 each method (compilation is reported separately); the JAX methods' rounds first, then the torch ones' (torch's
@@ -148,7 +156,41 @@ def python_loop_curve(forward, params, x: np.ndarray, relevance: np.ndarray, tar
     return np.stack(scores, axis=1)
 
 
-def measure(name: str, cfg: dict, batch: int, repeats: int, seed: int, with_quantus: bool,
+def perturbed_copies(x: np.ndarray, relevance: np.ndarray, steps: int, per_step: int) -> np.ndarray:
+    """The ``steps + 1`` copies of the batch that the loop evaluates, ``[steps + 1, *x.shape]`` (host)."""
+    batch = x.shape[0]
+    order = np.argsort(-relevance.reshape(batch, -1), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(order.shape[1])[None], axis=1)
+    flat = x.reshape(batch, -1)
+    copies = [np.where(rank < k * per_step, 0.0, flat).astype(x.dtype) for k in range(steps + 1)]
+    return np.stack(copies).reshape((steps + 1,) + x.shape)
+
+
+def forward_flops(apply, params, x) -> float:
+    """Floating-point operations of one forward pass of the batch, as XLA's cost analysis counts them (a
+    convolution's taps on the zero padding are not counted)."""
+    analysis = jax.jit(apply).lower(params, x).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jaxlibs: one dict per computation
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 7) -> float:
+    """This machine's float32 matrix-product rate in jit (``size`` x ``size`` operands, median of ``repeats``): the
+    rate a compute-bound program could reach at best."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+    product = jax.jit(lambda a: a @ a)
+    product(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        product(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * size ** 3 / float(np.median(times)) / 1e9
+
+
+def measure(name: str, cfg: dict, batch: int, repeats: int, seed: int, with_quantus: bool, peak_gflops: float,
             log=print) -> dict[str, Any]:
     import jaxlrp
     from jaxlrp import metrics
@@ -178,8 +220,16 @@ def measure(name: str, cfg: dict, batch: int, repeats: int, seed: int, with_quan
     in_jit = jax.jit(lambda p, xx, rr, tt: metrics.perturbation_curve(model.apply, xx, rr, tt, params=p, steps=steps,
                                                                       per_step=per_step))
     target_j = jnp.asarray(target)
+    # the model's own forward passes over the loop's copies, made beforehand, in one program (chunked as the
+    # library chunks them): what any method that runs every copy through the whole model costs at least
+    largest = metrics._largest_value(jax.make_jaxpr(model.apply)(params, x), x)
+    copies = jnp.asarray(perturbed_copies(x_np, relevance_np, steps, per_step))
+    passes = jax.jit(lambda p, c, tt: jax.lax.map(
+        lambda xx: jnp.take_along_axis(model.apply(p, xx), tt[:, None], axis=1)[:, 0], c,
+        batch_size=metrics._auto_chunk(None, largest)).T)
     calls = {"compiled": compiled, "compiled, in jax.jit": lambda: np.asarray(in_jit(params, x, relevance, target_j)),
-             "compiled, all at once": lambda: compiled(steps + 1), "python loop": loop}
+             "compiled, all at once": lambda: compiled(steps + 1), "python loop": loop,
+             "model passes only": lambda: np.asarray(passes(params, copies, target_j))}
     if not cnn:
         calls["compiled, not incremental"] = lambda: np.asarray(metrics.perturbation_curve(
             model.apply, x, relevance, target, params=params, steps=steps, per_step=per_step, incremental=False))
@@ -211,7 +261,7 @@ def measure(name: str, cfg: dict, batch: int, repeats: int, seed: int, with_quan
     reference = loop()
     scale = float(np.abs(reference).max())
     max_diff = {m: float(np.abs(calls[m]() - reference).max()) / scale
-                for m in calls if m.startswith("compiled")}
+                for m in calls if m.startswith("compiled") or m == "model passes only"}
     if with_quantus:  # Quantus' curve starts after the first step
         max_diff["quantus"] = float(np.abs(calls["quantus"]() - reference[:, 1:]).max()) / scale
         max_diff["torch loop"] = float(np.abs(calls["torch loop"]() - reference).max()) / scale
@@ -227,6 +277,8 @@ def measure(name: str, cfg: dict, batch: int, repeats: int, seed: int, with_quan
     load_after = timing.loadavg()
     stats = timing.summarise_times(times, cpu_times, baseline="compiled")
     speedup = stats["python loop"]["median_s"] / stats["compiled"]["median_s"]
+    flops = forward_flops(model.apply, params, x)
+    loop_s = stats["python loop"]["median_s"]
     return {
         "input": list(x_np.shape),
         "pixels": pixels,
@@ -234,8 +286,16 @@ def measure(name: str, cfg: dict, batch: int, repeats: int, seed: int, with_quan
         "per_step": per_step,
         "model": "quickstart CNN" if cnn else "MLP 64-64-10",
         "dispatches_per_curve": {"compiled": 1, "python loop": steps + 1, "quantus": steps + 1},
-        "default_chunk_size_steps": metrics._auto_chunk(  # of the plain path (not the incremental one's blocks)
-            None, metrics._largest_value(jax.make_jaxpr(model.apply)(params, x), x)),
+        "default_chunk_size_steps": metrics._auto_chunk(None, largest),  # of the plain path, not the incremental's
+        "forward_gflop": flops / 1e9,  # one forward pass of the batch (XLA's count)
+        "compute_bound": {
+            # the loop's time over that of its own forward passes run back to back in one program: the most any
+            # method that runs every copy through the whole model can gain over the loop
+            "loop_over_model_passes": loop_s / stats["model passes only"]["median_s"],
+            "model_passes_gflops": (steps + 1) * flops / stats["model passes only"]["median_s"] / 1e9,
+            # the same at this machine's matrix-product rate (an ideal model implementation)
+            "loop_over_flops_at_matmul_peak": loop_s / ((steps + 1) * flops / (peak_gflops * 1e9)),
+        },
         "first_call_s": compile_s,
         "max_abs_diff_over_max_abs_score": max_diff,
         "load_average_before": load_before,
@@ -276,6 +336,24 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{timing.ms_cell(t.get('torch loop'))} | {timing.ms_cell(t.get('quantus'))} | {vs_quantus} | "
             f"{max(r['max_abs_diff_over_max_abs_score'].values()):.1e} | "
             f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f} |")
+    lines += [
+        "",
+        f"Where the loop's time goes: its forward passes alone (the loop's copies, made beforehand, through the jitted "
+        f"model in one program) and their FLOPs at this machine's float32 matrix-product rate "
+        f"({c['matmul_peak_gflops']:.0f} GFLOP/s in jit). A method that runs every copy through the whole model gains "
+        f"at most `loop / model passes` over the loop; only skipping work (the incremental first dense layer) "
+        f"goes beyond.",
+        "",
+        "| model, input | GFLOP per forward | model passes only ms | their GFLOP/s | loop / model passes | "
+        "loop / FLOPs at matmul peak | compiled speedup |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        b = r["compute_bound"]
+        lines.append(
+            f"| {r['model']}, {name} | {r['forward_gflop']:.3f} | {timing.ms_cell(r['timings']['model passes only'])} "
+            f"| {b['model_passes_gflops']:.0f} | {b['loop_over_model_passes']:.1f}x | "
+            f"{b['loop_over_flops_at_matmul_peak']:.1f}x | {r['speedup']:.1f}x |")
     return "\n".join(lines)
 
 
@@ -295,7 +373,9 @@ def main(argv=None) -> dict[str, Any]:
     repeats = args.repeats or (3 if args.quick else 7)
     out = args.out or _ROOT / "benchmarks" / "results" / ("metrics_quick.json" if args.quick else "metrics.json")
     with_quantus = not args.no_quantus and quantus_available()
-    results = {name: measure(name, CONFIGS[name], args.batch, repeats, args.seed, with_quantus)
+    peak = matmul_peak_gflops()
+    print(f"float32 matrix product in jit: {peak:.0f} GFLOP/s")
+    results = {name: measure(name, CONFIGS[name], args.batch, repeats, args.seed, with_quantus, peak)
                for name in args.configs}
     report = {
         "benchmark": "metrics",
@@ -304,7 +384,8 @@ def main(argv=None) -> dict[str, Any]:
                    "batch": args.batch, "quantus": timing.dist_version("quantus") if with_quantus else None,
                    "torch": timing.dist_version("torch") if with_quantus else None,
                    "repeats": repeats, "seed": args.seed, "goal": GOAL, "order": "morf", "baseline": "zeros",
-                   "relevance": "EpsilonPlusFlat, predicted class", "params_as_jit_arguments": True},
+                   "relevance": "EpsilonPlusFlat, predicted class", "params_as_jit_arguments": True,
+                   "matmul_peak_gflops": peak},
         "machine": overhead.machine_info(),
         "results": results,
     }

@@ -117,7 +117,8 @@ def _trace(fn: Callable, *args, closed_out: list | None = None) -> _Traced:
 
 
 def _static_key(fn):
-  """`fn` as part of a cache key: itself where hashable, else its identity."""
+  """`fn` as part of a cache key: itself where hashable, else its identity. An id is safe here: the compiled
+  program cached under the key closes over `fn`, so `fn` lives, and keeps its id, as long as the key does."""
   try:
     hash(fn)
     return fn

@@ -70,3 +70,28 @@ def test_small_resnet_forward_and_torch_twin():
     with torch.no_grad():
         out_t = twin(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(out_t, np.asarray(out), rtol=1e-4, atol=1e-4 * float(np.abs(out_t).max()))
+
+
+def test_metrics_benchmark_times_the_loops_copies():
+    # benchmarks/metrics.py bounds the loop by its "model passes only": the copies it evaluates must be the loop's.
+    import numpy as np
+
+    bench = _load("_benchmark_metrics", "metrics.py")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.1, 1.0, size=(3, 4, 4, 1)).astype(np.float32)
+    relevance = rng.normal(size=x.shape).astype(np.float32)
+    relevance[0, 0, :] = 5.0  # four tied most relevant pixels: the lower indices go first
+    w = rng.normal(size=(16, 5)).astype(np.float32)
+    target = np.array([0, 3, 4])
+
+    def forward(_, v):
+        return np.asarray(v).reshape(v.shape[0], -1) @ w
+
+    copies = bench.perturbed_copies(x, relevance, steps=4, per_step=3)  # a partial curve: 12 of 16 pixels
+    scores = np.stack([forward(None, c)[np.arange(3), target] for c in copies], axis=1)
+    np.testing.assert_array_equal(scores, bench.python_loop_curve(forward, None, x, relevance, target, 4, 3))
+    # by hand: step 1 removes pixels 0, 1, 2 of sample 0 (tied with pixel 3, which goes in step 2)
+    assert np.flatnonzero(copies[1, 0].ravel() == 0).tolist() == [0, 1, 2]
+    assert np.flatnonzero(copies[2, 0].ravel() == 0)[:4].tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(copies[0], x)
+    assert copies.shape == (5, 3, 4, 4, 1) and int((copies[4] == 0).sum()) == 3 * 12
