@@ -592,15 +592,15 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
     return env[unit.outs[0]]
 
   @jax.custom_vjp
-  def op(u, consts, leaves, bounds):
+  def op(u, consts, leaves, bounds, mask):
     return forward(u, consts)
 
-  def fwd(u, consts, leaves, bounds):
+  def fwd(u, consts, leaves, bounds, mask):
     z = forward(u, consts)
-    return z, (u, consts, leaves, bounds, z)
+    return z, (u, consts, leaves, bounds, mask, z)
 
   def bwd(res, g):
-    u, consts, leaves, bounds, z = res
+    u, consts, leaves, bounds, mask, z = res
     rule_ = jax.tree_util.tree_unflatten(treedef, leaves)
     cd = compute_dtype(u.dtype)
     # XLA schedules work as early as its inputs allow: the rule's modified forwards (W+ x, ...) and a recomputed
@@ -626,11 +626,12 @@ def _layer_op(unit: Unit, rule: Rule, bounds_given: bool, relu: Unit | None = No
       w, s = w * _scale_for_weight(s, unit.fold_axes, w.ndim), None
     m = LayerMath(lin, xc, w, z.astype(cd), s, t, unit.nonneg_input and not rule_.input_rule,
                   tuple(_cast(b, cd) for b in bounds) if bounds_given else None, unit.feeds_relu,
-                  *_conv_stacking(unit, w.shape), sample_axis=_conv_sample_axis(unit, xc))
+                  *_conv_stacking(unit, w.shape), sample_axis=_conv_sample_axis(unit, xc),
+                  input_mask=None if mask is None else mask.astype(cd))
     out = rule_.propagate(m, z.astype(cd) * g.astype(cd))
     if relu is not None:  # relu(u) > 0 exactly where u > 0; masking by u keeps the mask independent of g
       out = jnp.where(u > 0, out, jnp.zeros((), out.dtype))
-    return out.astype(u.dtype), None, None, None
+    return out.astype(u.dtype), None, None, None, None
 
   op.defvjp(fwd, bwd)
   return op
@@ -854,30 +855,84 @@ def _bounds(p: Plan, unit: Unit, rule: ZBox, env: dict):
 
 
 def _mapped_bound(p: Plan, env, target: int, bound):
-  """A ZBox bound given in the explained input's units, mapped through the input region to the value `target`.
+  """A ZBox bound given in the explained input's units, mapped through the input region to the value `target`;
+  or, for `bound=INPUT_MASK`, the mask of the elements of `target` that are copies of explained-input elements
+  (`_replay_mask`).
 
   At the top level the bound is broadcast to the explained leaf; in a body the enclosing scan or cond passes it
-  already mapped to the body's input (under the key `("bound", input id, id(bound))`, see `_child_bounds`)."""
+  already mapped to the body's input (under the key `("bound", input id, _bound_key(bound))`, see
+  `_child_bounds`)."""
   a = p.analysis
   root = a.explained_root(target)
   local = collections.ChainMap({}, env)
-  start = env.get(("bound", root, id(bound)))
+  start = env.get(("bound", root, _bound_key(bound)))
   if start is None:
-    start = jnp.broadcast_to(jnp.asarray(bound, p.program.avals[root].dtype), p.leaf_shapes[root])
+    value = 1 if bound is INPUT_MASK else bound
+    start = jnp.broadcast_to(jnp.asarray(value, p.program.avals[root].dtype), p.leaf_shapes[root])
   local[root] = start
-  return _replay(a.region_chain(target), local)[target]
+  chain = a.region_chain(target)
+  return (_replay_mask(chain, local, root) if bound is INPUT_MASK else _replay(chain, local))[target]
+
+
+INPUT_MASK = "input mask"  # `_mapped_bound`'s stand-in bound for the explained-input mask
+
+
+def _bound_key(bound) -> int:
+  """The key of a bound among the mapped bounds: its id, -1 for `INPUT_MASK` (keys stay ints: pytree dict keys
+  must sort)."""
+  return -1 if bound is INPUT_MASK else id(bound)
+
+
+def _replay_mask(chain: list, env, root: int):
+  """Replays the input-region `chain` on the mask of explained-input elements (1 where an element is a copy of
+  one, 0 where it is a constant): elementwise shifts and scales keep it, padding and concatenated constants
+  are 0, moves and gathers carry it along."""
+  mine = {root}
+  for e in chain:
+    args = []
+    for a in e.ins:
+      v = a.val if isinstance(a, Lit) else env[a]
+      if e.prim_name in ("pad", "concatenate") and not (isinstance(a, int) and a in mine):
+        v = jnp.zeros_like(v)  # the pad value; a concatenated constant
+      args.append(v)
+    if e.prim_name in ("add", "sub", "mul", "div", "neg"):  # (the input region's shape-preserving affine ops)
+      out = next(v for a, v in zip(e.ins, args) if isinstance(a, int) and a in mine).astype(e.out_avals[0].dtype)
+    else:
+      out = bind(e, *args)[0]
+    env[e.outs[0]] = out
+    mine.add(e.outs[0])
+  return env
+
+
+def _input_mask(p: Plan, unit: Unit, env):
+  """The explained-input mask of an input-layer rule's input, where the input region pads or concatenates
+  constants (Flat and WSquare count only those inputs: as for a convolution's own zero padding); else None."""
+  chain = p.analysis.region_chain(unit.data_ins[0])
+  root = p.analysis.explained_root(unit.data_ins[0])
+  if not any(e.prim_name in ("pad", "concatenate") for e in chain) and (
+      ("bound", root, _bound_key(INPUT_MASK)) not in env):
+    return None
+  return _mapped_bound(p, env, unit.data_ins[0], INPUT_MASK)
 
 
 def _child_bounds(p: Plan, env, children: list, ins: list) -> dict:
   """The ZBox bounds used in `children` (bodies whose input k reads the operand `ins[k]`) mapped to the operands
-  in relevance form: {k: {id(bound): value}} (empty without ZBox rules)."""
-  bounds = {id(b): b for q in children for c in _walk(q) for r in c.rules if isinstance(r, ZBox)
-            for b in (r.low, r.high)}
-  if not bounds:
+  in relevance form: {k: {_bound_key(bound): value}} (empty without input-layer rules). The explained-input mask
+  (`INPUT_MASK`) goes along where the operand's input region pads or concatenates constants."""
+  rules = [r for q in children for c in _walk(q) for r in c.rules if r is not None and r.input_rule]
+  bounds = {id(b): b for r in rules if isinstance(r, ZBox) for b in (r.low, r.high)}
+  if not rules:
     return {}
-  rf = p.analysis.relevance_form
-  return {k: {i: _mapped_bound(p, env, x, b) for i, b in bounds.items()}
-          for k, x in enumerate(ins) if isinstance(x, int) and x in rf}
+  a, mapped = p.analysis, {}
+  for k, x in enumerate(ins):
+    if not (isinstance(x, int) and x in a.relevance_form):
+      continue
+    own = dict(bounds)
+    if any(e.prim_name in ("pad", "concatenate") for e in a.region_chain(x)) or (
+        ("bound", a.explained_root(x), _bound_key(INPUT_MASK)) in env):
+      own[_bound_key(INPUT_MASK)] = INPUT_MASK
+    mapped[k] = {i: _mapped_bound(p, env, x, b) for i, b in own.items()}
+  return mapped
 
 
 def _bound_keys(q: Plan, mapped: dict) -> dict:
@@ -1119,7 +1174,8 @@ def _emit(p: Plan, unit: Unit, env: dict, read, read_grad) -> list:
   consts = [read(c) for c in unit.const_ins]
   is_box = isinstance(rule, ZBox)
   bounds = _bounds(p, unit, rule, env) if is_box else ()
-  return [_layer_op(unit, rule, is_box, relu)(x, consts, jax.tree_util.tree_leaves(rule), bounds)]
+  mask = _input_mask(p, unit, env) if rule.input_rule else None
+  return [_layer_op(unit, rule, is_box, relu)(x, consts, jax.tree_util.tree_leaves(rule), bounds, mask)]
 
 
 def _is_plain_max_pool(unit: Unit) -> bool:

@@ -5,8 +5,9 @@ Works on the flattened program of `_jax.flatten_program`. Finds, on the data pat
   (bias, scale, casts and size-preserving reshapes by data-independent operands), also parameter-free linear ops
   (`reduce_sum` with its mean division, average pooling) and residual adds;
 - activation regions (elementwise chains rooted at one data value);
-- the input region (casts, reshapes and elementwise affine preprocessing between the input and the first layers),
-  where the propagated quantity is relevance itself rather than a gradient;
+- the input region (casts, reshapes, padding, concatenated constants, gathers and elementwise affine preprocessing
+  between the input and the first layers), where the propagated quantity is relevance itself rather than a
+  gradient;
 - max pools, structural ops whose ordinary VJP is already the proportional rule, and unsupported ops.
 """
 
@@ -239,6 +240,24 @@ def _softmax_at(div: Eqn, data, producer, uses):
   return Unit("softmax", members, [x], [div.outs[0]], div, (0,))
 
 
+def _input_region_op(e: Eqn, dins: list, dependent: set, shape) -> bool:
+  """`e` (all of whose data operands `dins` are in relevance form) keeps its result in relevance form: an op that
+  moves, copies or casts elements (`_PERMUTING`), pads with a constant, concatenates with constants (CoordConv
+  channels, circular padding), gathers at data-independent indices, or shifts and scales elementwise by constants.
+  Its ordinary VJP then maps relevance back exactly: copies add up, constants drop out."""
+  name = e.prim_name
+  if name == "concatenate":
+    return True
+  if len(dins) != 1:
+    return False
+  d = dins[0]
+  if name in _PERMUTING:
+    return True
+  if name in ("pad", "gather"):  # the data operand first; the pad value or the indices data-independent
+    return e.ins[0] == d and not any(isinstance(a, int) and a in dependent for a in e.ins[1:])
+  return name in _AFFINE and shape(e.outs[0]) == shape(d) and not (name == "div" and e.ins[0] != d)
+
+
 def _is_relu(e: Eqn) -> bool:
   if e.prim_name == "custom_jvp_call":  # jax.nn.relu: custom_jvp around jit[name=relu] around max(x, 0)
     body = e.params["call_jaxpr"].jaxpr.eqns
@@ -422,18 +441,11 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
     if not float_outs or name == "stop_gradient":
       continue  # discrete results (comparisons, argmax) are constants of the explanation
 
-    # Input region: casts, reshapes and elementwise affine preprocessing of the explained input.
-    if all(d in relevance_form for d in dins) and len(dins) == 1 and len(e.outs) == 1:
-      d = dins[0]
-      affine_ok = (
-          name in _AFFINE
-          and shape(e.outs[0]) == shape(d)
-          and not (name == "div" and e.ins[0] != d)
-      )
-      if name in _PERMUTING or affine_ok:
-        relevance_form.add(e.outs[0])
-        input_region.append(e)
-        continue
+    # Input region: casts, reshapes, padding, gathers and elementwise affine preprocessing of the explained input.
+    if all(d in relevance_form for d in dins) and len(e.outs) == 1 and _input_region_op(e, dins, dependent, shape):
+      relevance_form.add(e.outs[0])
+      input_region.append(e)
+      continue
 
     if name in ("scan", "cond"):  # re-bound with an interpreted body
       claim(Unit(name, [e], dins, list(e.outs), e, tuple(i for i, a in enumerate(e.ins) if a in dins)))

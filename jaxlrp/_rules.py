@@ -489,10 +489,16 @@ class LayerMath:
   stack_forward: bool = False  # F_many / T_many: several weights as one weight-stacked op (see below)
   stack_transpose: bool = False  # T_sum: several transposes as one transpose of the weight-stacked op
   sample_axis: Optional[int] = None  # x's batch axis where one sample's output depends on that sample alone
+  input_mask: Optional[Any] = None  # 1 where x holds an explained-input element, 0 at padded constants (None: all)
 
   def ones_input(self):
-    """An all-ones input for sample-independent constants (a fan-in, a denominator): one sample where
-    `sample_axis` is known (the result broadcasts over the batch), else shaped like x."""
+    """An input of ones at the explained-input elements (0 at constants the model padded or concatenated to it)
+    for sample-independent constants (a fan-in, a denominator): one sample where `sample_axis` is known (the
+    result broadcasts over the batch), else shaped like x."""
+    if self.input_mask is not None:
+      if self.sample_axis is None:
+        return self.input_mask
+      return jax.lax.slice_in_dim(self.input_mask, 0, 1, axis=self.sample_axis)
     if self.sample_axis is None:
       return jnp.ones_like(self.x)
     shape = list(self.x.shape)

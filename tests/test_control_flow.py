@@ -223,10 +223,20 @@ def rnn_preprocessed(p, x):
   return jax.lax.scan(step, jnp.zeros_like(x[:, 0]), x.swapaxes(0, 1))[0] @ p[2]
 
 
+def rnn_padded(p, x):
+  # Four of the six features, padded back to six with zeros, and a zero step padded in front: the body's
+  # input-layer rules count the pads as no input (Flat divides by 4 inputs, not 6)
+  x = jnp.pad(x[..., :4], ((0, 0), (1, 0), (0, 2)))
+  step = lambda h, xt: (jnp.tanh(xt @ p[0] + h @ p[1]), None)  # noqa: E731
+  return jax.lax.scan(step, jnp.zeros_like(x[:, 0]), x.swapaxes(0, 1))[0] @ p[2]
+
+
 def twin(kind):
   def f(p, x):
     if kind == "preprocessed":
       x = (x - 0.5) / 2.0
+    if kind == "padded":
+      x = jnp.pad(x[..., :4], ((0, 0), (1, 0), (0, 2)))
     h = jnp.zeros_like(x[:, 0])
     for t in range(x.shape[1]):
       h = jnp.tanh(x[:, t] @ p[0] + h @ p[1]) + (0.5 * x[:, t] if kind == "both_uses" else 0.0)
@@ -240,7 +250,7 @@ LOW = jnp.asarray(RNG.uniform(-4.0, -2.0, size=XS.shape), jnp.float32)
 
 
 @pytest.mark.parametrize("kind, f", [("both_uses", rnn_both_uses), ("fori_closure", rnn_fori_closure),
-                                     ("preprocessed", rnn_preprocessed)])
+                                     ("preprocessed", rnn_preprocessed), ("padded", rnn_padded)])
 def test_input_layer_rules_inside_a_scan_equal_the_unrolled_loop(kind, f):
   p = (WS[0], WS[1] * 0.5, WS[2])
   # Step 0 differs by one sum stabiliser under the default Norm (see test_recurrent.py): compare it under Norm(0).

@@ -115,6 +115,31 @@ def _conv(name, in_spatial, cin, k_spatial, cout, *, strides=None, padding="SAME
     return Layer(name, f, params, tuple(in_spatial) + (cin,), W, ref.conv_bias(b, out_spatial), conn)
 
 
+def _padded_input_conv(name, mode):
+    """A 3x3 convolution (6x6x3 -> 6x6x4) whose input the model pads itself: ``jnp.pad`` with zeros before a VALID
+    convolution (as research code writes it), or Flax's ``padding="CIRCULAR"`` (wrap-around copies). The
+    reference is the layer as a matrix of the *unpadded* input, ``W = W_valid P`` with ``P`` the 0/1 padding
+    matrix: the model's pads are not inputs, and a wrapped copy adds its share to the pixel it copies."""
+    rng = np.random.default_rng(_seed("layer", name))
+    K = (rng.normal(size=(3, 3, 3, 4)) / np.sqrt(27)).astype(np.float32)
+    b = (0.5 * rng.normal(size=4)).astype(np.float32)
+    params = {"params": {"kernel": jnp.asarray(K), "bias": jnp.asarray(b)}}
+    pads = ((1, 1), (1, 1), (0, 0))
+    if mode == "zeros":
+        mod = nn.Conv(4, (3, 3), padding="VALID")
+        f = lambda p, x: mod.apply(p, jnp.pad(x, ((0, 0),) + pads))  # noqa: E731
+    else:
+        mod = nn.Conv(4, (3, 3), padding="CIRCULAR")
+        f = lambda p, x: mod.apply(p, x)  # noqa: E731
+    index = np.pad(np.arange(6 * 6 * 3).reshape(6, 6, 3) + 1, pads, mode="constant" if mode == "zeros" else "wrap")
+    P = np.zeros((index.size, 6 * 6 * 3))
+    rows = np.flatnonzero(index.reshape(-1))
+    P[rows, index.reshape(-1)[rows] - 1] = 1.0
+    W = ref.conv_matrix(K, (8, 8)) @ P
+    conn = ref.conv_matrix(np.ones_like(K), (8, 8)) @ P
+    return Layer(name, f, params, (6, 6, 3), W, ref.conv_bias(b, (6, 6)), conn)
+
+
 LAYERS = {
     "dense": lambda: _dense("dense"),
     "dense_linen": lambda: _dense("dense_linen", 9, 5, linen=True),
@@ -126,6 +151,8 @@ LAYERS = {
     "conv1d": lambda: _conv("conv1d", (11,), 3, (4,), 5, strides=(2,), dilation=(2,)),
     "conv_linen_asym": lambda: _conv("conv_linen_asym", (6, 7), 3, (2, 3), 4, padding=((0, 2), (1, 0)),
                                      strides=(1, 2), linen=True),
+    "conv_explicit_zero_pad": lambda: _padded_input_conv("conv_explicit_zero_pad", "zeros"),
+    "conv_linen_circular": lambda: _padded_input_conv("conv_linen_circular", "circular"),
 }
 _LAYER_CACHE: dict = {}
 
@@ -315,6 +342,41 @@ def test_unfoldable_scale_epilogue(rule_name, base, relu_input):
         want.append(ref.batched(ref_fn, W, b, xin[i:i + 1], (zi.reshape(c.shape[1:]) * c[i])[None], **ref_kw)[0])
     np.testing.assert_allclose(np.asarray(out), np.stack(z_ref), rtol=1e-4, atol=1e-5)
     _check(rule_name + "+scale" + ("+relu" if relu_input else ""), base, rx, np.stack(want), x)
+
+
+@pytest.mark.parametrize("rule_name", [r for r in RULE_CASES if not r.endswith("_nobias")])
+def test_rule_on_gathered_features_and_concatenated_constants(rule_name):
+    """A dense layer on features the model gathers from the input (a permuted subset) and concatenates with
+    constants: ``concat([x[:, idx], c]) @ w + b``. The rule sees the layer's whole input, constants included
+    (ZPlus counts ``w+ c+``, as Zennit would on that tensor), and the relevance of the gathered copies goes back to
+    the input features they copy; constants and features that are not gathered get none. Flat and WSquare count
+    only the explained input's elements (the constants are neither inputs nor bias), as for the zeros a model pads
+    an image with."""
+    make, ref_fn, ref_kw = RULE_CASES[rule_name]
+    rng = np.random.default_rng(_seed("layer", "gather_concat"))
+    idx, const = np.array([4, 0, 7, 2, 5, 1]), np.array([0.5, -1.0], np.float32)
+    w = (rng.normal(size=(8, 5)) / np.sqrt(8)).astype(np.float32)
+    b = (0.5 * rng.normal(size=5)).astype(np.float32)
+
+    def f(p, x):
+        return jnp.concatenate([x[:, idx], jnp.broadcast_to(const, (x.shape[0], 2))], axis=1) @ p["w"] + p["b"]
+
+    x = rng.uniform(-1, 1, size=(BATCH, 9)).astype(np.float32)
+    c = rng.normal(size=(BATCH, 5)).astype(np.float32)
+    out, rx = lrp_vjp(f, Composite(("linear", make(None))), {"w": jnp.asarray(w), "b": jnp.asarray(b)}, x, c)
+    A = np.eye(9)[idx]  # gathered features = A x
+    W, b64 = w.T.astype(np.float64), b.astype(np.float64)
+    feats = np.concatenate([x.astype(np.float64) @ A.T, np.broadcast_to(const, (BATCH, 2))], axis=1)
+    R = (feats @ W.T + b64) * c
+    if ref_fn in (ref.flat, ref.wsquare):
+        want = ref.batched(ref_fn, W[:, :6] @ A, b64, x, R, **ref_kw)
+    elif ref_fn is ref.zbox:  # the bounds map through the concatenation: a constant is its own bound
+        bound = lambda v: np.concatenate([np.full(6, v), const])  # noqa: E731
+        want = ref.batched(ref_fn, W, b64, feats, R, low=bound(LOW), high=bound(HIGH))[:, :6] @ A
+    else:
+        want = ref.batched(ref_fn, W, b64, feats, R, **ref_kw)[:, :6] @ A
+    np.testing.assert_allclose(np.asarray(out), feats @ W.T + b64, rtol=1e-4, atol=1e-5)
+    _check(rule_name, "dense_gather_concat", rx, want, x)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
