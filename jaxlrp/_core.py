@@ -749,8 +749,18 @@ def _identity_op(unit: Unit):
     z, outs, epsilon = res
     cd = compute_dtype(z.dtype)
     rel = sum(g.astype(cd) * a.astype(cd) for g, a in zip(gs, outs) if _jax.is_float(a))
+    if rel.shape != z.shape:  # an epilogue reshape (GroupNorm: normalised per group, then reshaped back)
+      rel = jax.vjp(moves, z.astype(cd))[1](rel)[0]
     gz = rel / stabilize(z.astype(cd), jnp.asarray(epsilon, cd))
     return gz.astype(z.dtype), None, None
+
+  def moves(v):
+    """The unit's reshapes and transposes alone, applied to `v` (z's shape): where each element of z ends up.
+    Units with them are chains (a norm and its epilogue), whose other ops are elementwise."""
+    for e in unit.eqns:
+      if e.prim_name in _SHAPE_OPS:
+        v = bind_with(e, [v])[0]
+    return v
 
   op.defvjp(fwd, bwd)
   return op

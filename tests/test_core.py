@@ -291,3 +291,28 @@ def test_stack_passes_relevance_like_concatenate():
   np.testing.assert_allclose(r["stack"], r["concat"], rtol=1e-6, atol=1e-7)
   # LRP-0 (Epsilon on the dense layer): the relevance sums to the score 3 * relu(x @ w)[:, 0].
   np.testing.assert_allclose(r["stack"].sum(1), 3.0 * np.maximum(np.asarray(x @ w)[:, 0], 0), rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_normalised_in_groups_then_reshaped_back():
+  # GroupNorm as Flax, Equinox and research code write it: reshape [B, C] -> [B, G, C/G], normalise the last axis,
+  # reshape back, per-channel scale and shift. The norm's epilogue then holds a reshape; its twin normalises in the
+  # [B, C] layout with the group statistics repeated per channel. Same function, same relevance.
+  w1, w2 = _normal(4, 8), _normal(8, 3)
+  scale, shift = _normal(8), _normal(8, scale=0.1)
+
+  def grouped(x):
+    h = (x @ w1).reshape(-1, 2, 4)
+    h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-5)
+    return jax.nn.relu(h.reshape(-1, 8) * scale + shift) @ w2
+
+  def flat(x):
+    h = x @ w1
+    g = h.reshape(-1, 2, 4)
+    mean, var = jnp.repeat(g.mean(-1), 4, axis=-1), jnp.repeat(g.var(-1), 4, axis=-1)
+    return jax.nn.relu((h - mean) * jax.lax.rsqrt(var + 1e-5) * scale + shift) @ w2
+
+  np.testing.assert_allclose(grouped(X), flat(X), rtol=1e-5, atol=1e-6)
+  for composite in (jaxlrp.EpsilonPlus(), jaxlrp.AttnLRP()):
+    r = {name: jax.grad(lambda x: jaxlrp.lrp(lambda _, x: f(x), composite, argnums=1)(0, x)[:, 0].sum())(X)
+         for name, f in [("grouped", grouped), ("flat", flat)]}
+    np.testing.assert_allclose(r["grouped"], r["flat"], rtol=1e-5, atol=1e-5 * float(jnp.abs(r["flat"]).max()))
