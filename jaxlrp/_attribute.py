@@ -14,7 +14,7 @@ import numpy as np
 from jaxlrp import _jax
 from jaxlrp._attributors import Attributor
 from jaxlrp._composites import Composite, Selector, as_selector
-from jaxlrp._core import _walk, lrp, lrp_vjp, plan
+from jaxlrp._core import _walk, arrays_only, lrp, lrp_vjp, plan
 from jaxlrp._rules import Rule
 
 __all__ = ["Attribution", "attribute", "normalize", "RuleRow", "show_rules"]
@@ -320,7 +320,8 @@ def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=
     x: the input batch, `[B, ...]`, floating point.
     method: a `jaxlrp.Composite` or an attributor.
     target: an int, an int array `[B]` or `[B, K]`, `"all"`, a mask, or a callable, as above.
-    params: optional parameters, passed as `f`'s first argument.
+    params: optional parameters, passed as `f`'s first argument (a pytree; an Equinox module may be passed whole:
+      its non-array leaves are constants).
     strict: see `jaxlrp.lrp` (LRP only).
     layers: optional layers whose output relevance to return: a selector, a list of selectors or a dict
       `{label: selector}`, as above (LRP only).
@@ -364,6 +365,8 @@ def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=
                     f"gradient at an intermediate value use jax.vjp on the part of f above it; for LRP at that "
                     f"layer pass a composite (e.g. jaxlrp.EpsilonPlusFlat()).")
   has_params = params is not None
+  if has_params:  # an Equinox module as the parameters: its functions and Python numbers are constants
+    f, (params, x) = arrays_only(f, (params, x))
   args = (params, x) if has_params else (x,)
   if not isinstance(method, Composite) and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise TypeError(f"attribute explains a floating-point input; got x of dtype {jnp.result_type(x)}. Gradient "
@@ -460,6 +463,7 @@ def show_rules(f: Callable, composite: Composite, *args, argnums=0, strict: bool
     >>> [(r.kind, r.path, type(r.rule).__name__) for r in rows]
     [('dense', 'w', 'Flat'), ('activation', None, 'Pass'), ('dense', 'v', 'Epsilon')]
   """
+  f, args = arrays_only(f, args)
   p = plan(f, composite, args, argnums, strict)
   rows = [RuleRow(op.index, op.kind, op.name, op.path, rule, op.source)
           for q in _walk(p) for op, rule in zip(q.ops, q.rules) if op.kind not in ("scan", "cond")]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlrp._composites import Composite
-from jaxlrp._core import lrp_vjp, plan, run, select_layers
+from jaxlrp._core import arrays_only, lrp_vjp, plan, run, select_layers, split_arrays
 
 __all__ = ["ConceptRelevance", "conditional_relevance", "relevance_maximization"]
 
@@ -89,6 +89,7 @@ def conditional_relevance(f: Callable, x, composite: Composite, *, layer, target
   """
   args = (x,) if params is None else (params, x)
   argnum = len(args) - 1
+  f, args = arrays_only(f, args)
   p = plan(f, composite, args, argnum, strict)
   unit = select_layers(p, {"layer": layer})["layer"]
   v_id = unit.outs[0]
@@ -150,6 +151,9 @@ def relevance_maximization(f: Callable, batches: Iterable, composite: Composite,
     ([[2, 0], [1, 2]], [[3.0, 1.0], [2.0, 1.0]])
   """
   scores = []
+  if params is not None:  # an Equinox module as the parameters: jit takes its arrays, the rest is closed over
+    params, rebuild, model = *split_arrays(params), f
+    f = lambda p, x: model(rebuild(p), x)  # noqa: E731
 
   @jax.jit
   def channel_relevance(params, x):

@@ -97,6 +97,40 @@ def _arg_paths(args) -> tuple[list, list]:
   return flat, paths
 
 
+def _is_array(leaf) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or hasattr(leaf, "__jax_array__")
+
+
+def split_arrays(tree) -> tuple[Any, Callable]:
+  """`(arrays, rebuild)`: `tree` with its non-array leaves (an Equinox module's activation functions and Python
+  numbers, as `eqx.filter_jit` treats them) replaced by None, and `rebuild(arrays)` that puts them back."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  held = [None if _is_array(leaf) else leaf for leaf in leaves]
+  arrays = treedef.unflatten([leaf if _is_array(leaf) else None for leaf in leaves])
+
+  def rebuild(arrays_tree):
+    got = jax.tree_util.tree_leaves(arrays_tree, is_leaf=lambda v: v is None)  # None marks a held-out leaf
+    return treedef.unflatten([h if h is not None else v for h, v in zip(held, got)])
+
+  return arrays, rebuild
+
+
+def arrays_only(f: Callable, args: Sequence, kwargs: dict | None = None) -> tuple[Callable, tuple]:
+  """`(f', args')` with `f'(*args') == f(*args, **kwargs)`, where `args'` holds only the arrays of `args`.
+
+  The other leaves (`split_arrays`) and the keyword arguments are closed over: constants of the explanation, as
+  static arguments under `jax.jit`. Returns `f` and `args` themselves when there is nothing to close over."""
+  if not kwargs and all(_is_array(leaf) for leaf in jax.tree_util.tree_leaves(args)):
+    return f, tuple(args)
+  kwargs = dict(kwargs or {})
+  arrays, rebuilds = zip(*(split_arrays(a) for a in args)) if args else ((), ())
+
+  def with_constants(*arrays_args):
+    return f(*(rebuild(a) for rebuild, a in zip(rebuilds, arrays_args)), **kwargs)
+
+  return functools.wraps(f)(with_constants), tuple(arrays)
+
+
 def _weight_path(analysis: Analysis, wid, paths: dict):
   hops = 0
   while wid is not None and wid not in paths and wid in analysis.producer and hops < 16:
@@ -423,6 +457,38 @@ def _where(op: OpInfo) -> str:
   return f"{op.kind} op #{op.index} at {op.name or '<top level>'}{loc}" + (f", parameter {op.path}" if op.path else "")
 
 
+def _region_end(a: Analysis, v: int):
+  """The equation where the explained input stops reaching `v` by copies and affine maps: the first one on the
+  way from the input to `v` whose operand is in relevance form but whose result is not."""
+  frontier, seen = [v], set()
+  while frontier:
+    e = a.producer.get(frontier.pop())
+    if e is None or e in seen:
+      continue
+    seen.add(e)
+    ins = [x for x in e.ins if isinstance(x, int) and x in a.data]
+    if any(x in a.relevance_form for x in ins):
+      return e
+    frontier.extend(ins)
+  return None
+
+
+def _placement_message(a: Analysis, unit: Unit, op: OpInfo, rule: Rule) -> str:
+  name = type(rule).__name__
+  end = _region_end(a, unit.data_ins[0])
+  if end is not None and a.unit_of.get(end) is not None and a.unit_of[end].kind in LAYER_KINDS:
+    how = "by another layer before it: select the layer that reads the input, e.g. with jaxlrp.First()"
+  else:
+    src = _jax.source_line(end) if end is not None else ""
+    what = (f"`{end.prim_name}` at {end.name or '<top level>'}" + (f" ({src})" if src else "")) if end else "ops"
+    how = (f"through {what}, which is not a copy, a pad or an elementwise affine map of it (the maps that keep "
+           f"its relevance). Apply that op before calling the model and explain its output, or use a composite "
+           f"without input-layer rules (jaxlrp.EpsilonPlus(), jaxlrp.EpsilonAlpha2Beta1())")
+  return (f"{name} is an input-layer rule (it produces relevance of the explained input), but it was assigned to "
+          f"the {_where(op)}, whose input is computed from the explained input {how}; or use a rule such as "
+          f"Epsilon or Gamma on this layer.")
+
+
 def _check_placement(p: Plan) -> None:
   a = p.analysis
   for unit in a.batch_statistics:
@@ -436,11 +502,7 @@ def _check_placement(p: Plan) -> None:
     if rule is None or not rule.input_rule:
       continue
     if unit.data_ins[0] not in a.relevance_form:
-      raise RulePlacementError(
-          f"{type(rule).__name__} is an input-layer rule (it produces relevance of the explained input), but it "
-          f"was assigned to the {_where(op)}, whose input is computed from the explained input by other layers "
-          f"or nonlinear ops. Assign it with jaxlrp.First() (the layer that reads the input), or use a rule "
-          f"such as Epsilon or Gamma here.")
+      raise RulePlacementError(_placement_message(a, unit, op, rule))
     if isinstance(rule, ZBox):
       root = a.explained_root(unit.data_ins[0])
       shape = p.leaf_shapes[root]
@@ -1247,9 +1309,11 @@ def lrp(f: Callable, composite: Composite, *, argnums: int | Sequence[int] = 0, 
   - `jax.vjp(g, *args)` with cotangent `c` explains the output weighted by `c`;
   - `jit`, `vmap`, grad-of-grad and `jax.checkpoint` compose with `g`.
 
-  Arguments other than `argnums` (typically the parameters) are constants of the explanation. Pass the
-  parameters as an argument rather than closing over them to select layers by parameter path and to keep
-  compilation fast. `f` is traced at every call of `g`; wrap `g` (or the gradient) in `jax.jit`.
+  Arguments other than `argnums` (typically the parameters) are constants of the explanation, and so are keyword
+  arguments (`train=False`) and non-array leaves (an Equinox module passed whole: its activation functions and
+  Python numbers, as `eqx.filter_jit` treats them). Pass the parameters as an argument rather than closing over
+  them to select layers by parameter path and to keep compilation fast. `f` is traced at every call of `g`; wrap
+  `g` (or the gradient) in `jax.jit`.
 
   Args:
     f: a function of arrays (pure `jax.numpy`, Flax linen `model.apply`, nnx or Equinox code).
@@ -1280,8 +1344,9 @@ def lrp(f: Callable, composite: Composite, *, argnums: int | Sequence[int] = 0, 
                     f"A single rule can be wrapped as jaxlrp.Composite(('linear', rule)).")
 
   @functools.wraps(f)
-  def transformed(*args):
-    p = plan(f, composite, args, argnums, strict)
+  def transformed(*args, **kwargs):
+    fn, args = arrays_only(f, args, kwargs)
+    p = plan(fn, composite, args, argnums, strict)
     flat = jax.tree_util.tree_leaves(args)
     return jax.tree_util.tree_unflatten(p.out_tree, run(p, flat))
 
@@ -1332,6 +1397,7 @@ def lrp_vjp(f: Callable, composite: Composite, *args, argnums: int | Sequence[in
   """
   if not isinstance(composite, Composite):
     raise TypeError(f"lrp_vjp needs a jaxlrp.Composite (e.g. jaxlrp.EpsilonPlusFlat()); got {composite!r}.")
+  f, args = arrays_only(f, args)
   p = plan(f, composite, args, argnums, strict)
   units = select_layers(p, layers) if layers is not None else {}
   p.tapped = frozenset(u.outs[0] for u in units.values())

@@ -333,9 +333,15 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
     """A sigmoid branch (SE blocks, LSTM gates, SiLU) or a softmax output (attention weights)."""
     if _region_with(v, ("logistic",)):
       return True
-    while v in producer and producer[v].prim_name in _SHAPE_ONLY:
+    while v in producer and (producer[v].prim_name in _SHAPE_ONLY or _masks(producer[v])):
       v = next((a for a in producer[v].ins if isinstance(a, int) and a in data), None)
     return v in producer and getattr(unit_of.get(producer[v]), "kind", None) == "softmax"
+
+  def _masks(e) -> bool:
+    """`e` multiplies one data value by a constant or selects it against one: a top-k mask on router weights
+    (`w * stop_gradient(one_hot(argmax(w)))`, `jnp.where(keep, w, 0)`), a padding mask on attention weights."""
+    return e.prim_name in ("mul", "select_n") and len(data_ins(e)) == 1 and (
+        e.prim_name == "mul" or not (isinstance(e.ins[0], int) and e.ins[0] in data))
 
   def _is_std_branch(v, divides: bool) -> bool:
     """An inverse standard deviation (`rsqrt(var + eps)`), or a standard deviation when dividing by it."""
@@ -479,7 +485,13 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
       claim(Unit("max_pool", [e], dins, [e.outs[0]], e, (0,)))
       continue
 
-    if name in ELEMENTWISE and len(e.outs) == 1 and all(shape(d) == shape(e.outs[0]) for d in dins):
+    # An operand computed from the data behind `stop_gradient` (straight-through estimators: h + sg(round(h) - h))
+    # is a constant of the explanation that may read the region's own values: the op stays out of regions (which
+    # would need it before it exists) and keeps its ordinary VJP where it is linear in the data.
+    held = any(isinstance(a, int) and a not in data and a in dependent and is_float(avals[a]) for a in e.ins)
+    if held and len(dins) == 1 and (name in ("add", "sub", "mul") or (name == "div" and e.ins[0] == dins[0])):
+      continue
+    if name in ELEMENTWISE and len(e.outs) == 1 and all(shape(d) == shape(e.outs[0]) for d in dins) and not held:
       roots = {root_of.get(d, d) for d in dins}
       if len(roots) == 1:
         root = roots.pop()

@@ -231,12 +231,15 @@ def _eqx_cnn():
     return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params
 
 
-def _eqx_mlp():
-    ws = _mlp_weights()
+def _eqx_mlp_module() -> eqx.nn.MLP:
     model = eqx.filter_eval_shape(eqx.nn.MLP, MLP_IN, N_CLASSES, MLP_WIDTH, 2, key=jax.random.key(0))
-    for i, w in enumerate(ws):
+    for i, w in enumerate(_mlp_weights()):
         model = eqx.tree_at(lambda m, i=i: m.layers[i], model, _eqx_linear(model.layers[i], w))
-    params, static = eqx.partition(model, eqx.is_array)
+    return model
+
+
+def _eqx_mlp():
+    params, static = eqx.partition(_eqx_mlp_module(), eqx.is_array)
     assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
     return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params
 
@@ -530,3 +533,29 @@ def test_show_rules_paths(impls, capsys):
         assert len(convs) == 2, name
         assert expected_first_conv[name] in str(convs[0].path), (name, convs[0].path)
     capsys.readouterr()
+
+
+def test_whole_equinox_module_and_keyword_arguments(impls):
+    """The Equinox idiom: the module itself as the parameters, unpartitioned (its activation functions and Python
+    numbers are closed over, as `eqx.filter_jit` treats them), and keyword arguments of f (closed over too): the
+    same relevance as the partitioned module, from lrp, attribute and show_rules."""
+    x, t = _inputs("mlp"), _targets()
+    impl, model = impls["mlp"]["equinox"], _eqx_mlp_module()
+    assert not all(eqx.is_array(leaf) for leaf in jax.tree.leaves(model))
+    composite = jaxlrp.EpsilonPlus()
+    want = relevance(impl, composite, x, t)
+
+    def f(m, x, *, scale):
+        return jax.vmap(m)(x) * scale
+
+    g = jaxlrp.lrp(f, composite, argnums=1)
+    onehot = jax.nn.one_hot(t, N_CLASSES, dtype=jnp.float32)
+    np.testing.assert_array_equal(g(model, x, scale=1.0), f(model, x, scale=1.0))
+    r = jax.grad(lambda x: jnp.sum(g(model, x, scale=1.0) * onehot))(x)
+    np.testing.assert_allclose(r, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    r_jit = eqx.filter_jit(lambda m, x: jax.grad(lambda x: jnp.sum(g(m, x, scale=1.0) * onehot))(x))(model, x)
+    np.testing.assert_allclose(r_jit, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    res = jaxlrp.attribute(lambda m, x: f(m, x, scale=1.0), x, composite, target=t, params=model)
+    np.testing.assert_allclose(res.relevance, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    rows = jaxlrp.show_rules(lambda m, x: f(m, x, scale=2.0), composite, model, x, argnums=1, print_table=False)
+    assert [r.path for r in rows if r.kind == "dense"] == ["layers/0/weight", "layers/1/weight", "layers/2/weight"]

@@ -173,3 +173,24 @@ def test_one_hot_tokens_times_table_explain_like_the_word_embeddings():
   positions = jnp.broadcast_to(pos, (2, 5, 8))
   r_word, _ = jax.grad(lambda w, q: g2(w, q)[:, -1, 0].sum(), argnums=(0, 1))(table[tokens], positions)
   np.testing.assert_allclose(r_onehot.sum(-1), r_word.sum(-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["one_hot", "where"])
+def test_masked_router_weights_are_a_gate(mask):
+  # Top-1 mixture of experts: softmax router weights, masked to the chosen expert, weight the experts' outputs.
+  # The masked weights are still a gate: CP-LRP sends all relevance to the experts (bias-free: sum R == logit;
+  # as a bilinear product, half of it went into the router).
+  r, w, fc = _normal(8, 3), _normal(3, 8, 8) * 0.5, _normal(8, 2)
+  x = _normal(4, 8)
+
+  def moe(x):
+    gate = jax.nn.softmax(x @ r, -1)
+    keep = jax.lax.stop_gradient(jax.nn.one_hot(jnp.argmax(gate, -1), 3))
+    gate = gate * keep if mask == "one_hot" else jnp.where(keep > 0, gate, 0.0)
+    return jnp.einsum("bed,be->bd", jnp.einsum("bi,eio->beo", x, w), gate) @ fc
+
+  rows = jaxlrp.show_rules(lambda _, x: moe(x), jaxlrp.CPLRP(), 0, x, argnums=1, print_table=False)
+  assert "gate" in [row.kind for row in rows] and "bilinear" not in [row.kind for row in rows]
+  g = jaxlrp.lrp(lambda _, x: moe(x), jaxlrp.CPLRP(), argnums=1)
+  rel = jax.grad(lambda x: g(0, x)[:, 0].sum())(x)
+  np.testing.assert_allclose(rel.sum(1), moe(x)[:, 0], rtol=1e-5, atol=1e-5)
