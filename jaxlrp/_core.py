@@ -1302,7 +1302,9 @@ def lrp(f: Callable, composite: Composite, *, argnums: int | Sequence[int] = 0, 
   r"""Transforms `f` so that its gradient is the LRP relevance of `args[argnums]`.
 
   `g = lrp(f, composite)` has `f`'s signature and returns exactly `f(*args)` (the forward is the original
-  computation, bit for bit). Its VJP is replaced layer by layer with the composite's rules, so
+  computation, bit for bit under `jax.jit`; called eagerly, the ops of a `jax.jit` function inside `f`, such as
+  `jax.nn.gelu` or `jnp.var`, run one by one and may round differently from their fused original, by an ulp).
+  Its VJP is replaced layer by layer with the composite's rules, so
 
   - `jax.grad(lambda *a: g(*a)[b, t])(*args)` is the relevance of `args[argnums]` when the output relevance is
     the score `f(*args)[b, t]` (the relevance of an output is its value times the cotangent);
