@@ -497,7 +497,9 @@ def _check_placement(p: Plan) -> None:
         f"The normalisation at {op.name or '<top level>'}{' (' + op.source + ')' if op.source else ''} computes its "
         f"statistics from the batch (a reduction over axis 0): a BatchNorm in training mode. Each sample's "
         f"relevance would depend on the other samples. Fix: run the model in inference mode "
-        f"(linen: BatchNorm(use_running_average=True); nnx: model.eval(); Equinox: eqx.nn.inference_mode(model)).")
+        f"(linen: BatchNorm(use_running_average=True); nnx: model.eval(); Equinox: eqx.nn.inference_mode(model)). "
+        f"jaxlrp takes axis 0 for the batch axis: for time-major data ([T, B, ...]) whose statistics are per "
+        f"sample, explain the batch-major layout (transpose at the start of f).")
   for unit, op, rule in zip(a.units, p.ops, p.rules):
     if rule is None or not rule.input_rule:
       continue

@@ -476,8 +476,8 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
       absorb_epilogue(unit)
       claim(unit)
       continue
-    if name in ("reduce_sum", "reduce_window_sum"):
-      unit = Unit("sum" if name == "reduce_sum" else "avg_pool", [e], dins, [e.outs[0]], e, (0,))
+    if name in ("reduce_sum", "reduce_window_sum", "cumsum"):  # (a cumulative sum: a sum per output element)
+      unit = Unit("avg_pool" if name == "reduce_window_sum" else "sum", [e], dins, [e.outs[0]], e, (0,))
       absorb_epilogue(unit)
       claim(unit)
       continue

@@ -357,3 +357,18 @@ def test_values_held_by_stop_gradient_are_constants(quantise):
   np.testing.assert_array_equal(g(0, X), f(X))
   r = jax.grad(lambda x: g(0, x)[:, 0].sum())(X)
   np.testing.assert_allclose(r, X * jax.grad(lambda x: f(x)[:, 0].sum())(X), rtol=1e-5, atol=1e-6)
+
+
+def test_cumulative_sum_is_a_sum():
+  # jnp.cumsum (running totals over time steps or features) is linear: a sum per output element, under the sums'
+  # rule. With Norm(0) and LRP-0 on a bias-free net it is exact: relevance == gradient x input, sum == score.
+  w1, w2 = _normal(4, 6), _normal(6, 3)
+  f = lambda x: jax.nn.relu(jnp.cumsum(x @ w1, axis=-1)) @ w2  # noqa: E731
+  composite = jaxlrp.Composite(("dense", jaxlrp.Zero()), ("sum", jaxlrp.Norm(0.0)))
+  rows = jaxlrp.show_rules(lambda _, x: f(x), composite, 0, X, argnums=1, print_table=False)
+  assert [r.kind for r in rows] == ["dense", "sum", "activation", "dense"]
+  r = jax.grad(lambda x: jaxlrp.lrp(lambda _, x: f(x), composite, argnums=1)(0, x)[:, 0].sum())(X)
+  np.testing.assert_allclose(r, X * jax.grad(lambda x: f(x)[:, 0].sum())(X), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(r.sum(1), f(X)[:, 0], rtol=1e-5, atol=1e-5)
+  r_eps = jax.grad(lambda x: jaxlrp.lrp(lambda _, x: f(x), jaxlrp.EpsilonPlus(), argnums=1)(0, x)[:, 0].sum())(X)
+  assert np.all(np.isfinite(r_eps))
