@@ -42,7 +42,6 @@ the figures (about 1e-6 is typical).
 
 Needs the ``compare`` dependencies (``.ci/install-compare``): torch (CPU), transformers 4.52.4, lxt 2.1, zennit.
 """
-import importlib.util
 import math
 import pathlib
 import sys
@@ -52,17 +51,10 @@ import pytest
 
 pytestmark = pytest.mark.crosscheck
 
-_NEEDS = {
-    "torch": "pip install torch==2.13.0",
-    "transformers": "pip install --no-deps transformers==4.52.4 (see .ci/install-compare)",
-    "lxt": "pip install --no-deps lxt==2.1",
-    "zennit": "pip install --no-deps --ignore-requires-python zennit==1.0.0 (lxt.efficient imports it)",
-}
-_missing = [f"{name} ({how})" for name, how in _NEEDS.items() if importlib.util.find_spec(name) is None]
-if _missing:
-  pytest.skip("the GPT-2 cross-check needs " + "; ".join(_missing), allow_module_level=True)
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from crosscheck import left_padded_ids, skip_without_lxt  # noqa: E402
+
+skip_without_lxt("the GPT-2 cross-check")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from crosscheck import lxt_gpt2  # noqa: E402
@@ -148,12 +140,7 @@ def explained_logit(params, embeds, mask, target):
 # ---- fixtures ----------------------------------------------------------------------------------------------------
 
 def _inputs():
-  rng = np.random.default_rng(SEED)
-  ids = rng.integers(1, SIZES["vocab_size"], size=(len(PADDING), LENGTH))
-  mask = np.ones_like(ids)
-  for b, n in enumerate(PADDING):
-    mask[b, :n] = 0
-  return np.where(mask == 1, ids, 0).astype(np.int64), mask.astype(np.int64)
+  return left_padded_ids(SEED, SIZES["vocab_size"], PADDING, LENGTH)
 
 
 @pytest.fixture(scope="module")

@@ -71,28 +71,14 @@ def build_model(seed: int, **sizes):
     return model
 
 
-def position_ids(mask):
-    """Left-padding positions: real tokens count from 0, padding gets 1 (transformers' generation convention)."""
-    pos = mask.long().cumsum(-1) - 1
-    return pos.masked_fill(mask == 0, 1)
-
-
-def _explain(model, inputs_embeds, mask, pos_ids, target):
-    """LXT's recipe on the (patched) model: ``y.backward(y)``, relevance = input x its gradient."""
-    import torch
-
-    x = inputs_embeds.detach().clone().requires_grad_(True)
-    logits = model(inputs_embeds=x, attention_mask=mask, position_ids=pos_ids, use_cache=False).logits
-    y = logits[torch.arange(x.shape[0]), -1, target]
-    y.backward(y.detach())
-    return (x.grad * x).detach().numpy(), y.detach().numpy(), logits.detach().numpy()
-
-
 def main(argv):
     import numpy as np
     import torch
 
     mode, src, dst = argv
+    sys.path.insert(0, str(HERE.parent))
+    from crosscheck.lxt_gpt2 import _explain, position_ids  # the same left padding and LXT recipe as GPT-2's
+
     torch.set_num_threads(int(os.environ.get("JAXLRP_TORCH_THREADS", "2")))
     torch.set_grad_enabled(True)
     with np.load(src) as f:
@@ -110,7 +96,6 @@ def main(argv):
                position_ids=pos_ids.numpy(), embeds=embeds.numpy(), logits=logits.numpy(), target=target.numpy())
 
     # After the plain forward: the patch changes the LLaMA classes (and nn.Dropout) for the whole process.
-    sys.path.insert(0, str(HERE.parent))
     from crosscheck.lxt_bert import _standin_torchvision_for_lxt
 
     _standin_torchvision_for_lxt()
