@@ -28,7 +28,7 @@ STRUCTURAL = frozenset(
         P.convert_element_type_p, P.rev_p, P.copy_p, P.gather_p, P.dynamic_slice_p, P.select_n_p,
         P.reduce_precision_p, P.dynamic_update_slice_p, P.sharding_constraint_p,
     )
-) | {"expand_dims", "device_put", "split", "stack"}
+) | {"expand_dims", "device_put", "split", "stack", "top_k"}  # top_k: its values are copies of the largest
 
 # Structural ops that may sit between the explained input and the first layer (input region).
 _PERMUTING = frozenset(
@@ -333,7 +333,7 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
     """A sigmoid branch (SE blocks, LSTM gates, SiLU) or a softmax output (attention weights)."""
     if _region_with(v, ("logistic",)):
       return True
-    while v in producer and (producer[v].prim_name in _SHAPE_ONLY or _masks(producer[v])):
+    while v in producer and (producer[v].prim_name in _SHAPE_ONLY | {"top_k"} or _masks(producer[v])):
       v = next((a for a in producer[v].ins if isinstance(a, int) and a in data), None)
     return v in producer and getattr(unit_of.get(producer[v]), "kind", None) == "softmax"
 

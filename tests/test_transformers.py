@@ -194,3 +194,22 @@ def test_masked_router_weights_are_a_gate(mask):
   g = jaxlrp.lrp(lambda _, x: moe(x), jaxlrp.CPLRP(), argnums=1)
   rel = jax.grad(lambda x: g(0, x)[:, 0].sum())(x)
   np.testing.assert_allclose(rel.sum(1), moe(x)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_router_weights_are_a_gate():
+  # Top-2 routing with jax.lax.top_k: the chosen weights are copies of softmax outputs (a gate) and the experts'
+  # outputs are gathered at the chosen indices. CP-LRP sends all relevance to the experts: sum R == logit.
+  r, w, fc = _normal(8, 4), _normal(4, 8, 8) * 0.5, _normal(8, 2)
+  x = _normal(4, 8)
+
+  def moe(x):
+    weights, chosen = jax.lax.top_k(jax.nn.softmax(x @ r, -1), 2)  # [B, 2] each
+    experts = jnp.einsum("bi,eio->beo", x, w)  # [B, E, D]
+    picked = jnp.take_along_axis(experts, chosen[..., None], axis=1)  # [B, 2, D]
+    return jnp.einsum("bkd,bk->bd", picked, weights) @ fc
+
+  rows = jaxlrp.show_rules(lambda _, x: moe(x), jaxlrp.CPLRP(), 0, x, argnums=1, print_table=False)
+  assert "gate" in [row.kind for row in rows] and "bilinear" not in [row.kind for row in rows]
+  g = jaxlrp.lrp(lambda _, x: moe(x), jaxlrp.CPLRP(), argnums=1)
+  rel = jax.grad(lambda x: g(0, x)[:, 0].sum())(x)
+  np.testing.assert_allclose(rel.sum(1), moe(x)[:, 0], rtol=1e-5, atol=1e-5)
