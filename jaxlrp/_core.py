@@ -105,12 +105,13 @@ def split_arrays(tree) -> tuple[Any, Callable]:
   """`(arrays, rebuild)`: `tree` with its non-array leaves (an Equinox module's activation functions and Python
   numbers, as `eqx.filter_jit` treats them) replaced by None, and `rebuild(arrays)` that puts them back."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  held = [None if _is_array(leaf) else leaf for leaf in leaves]
-  arrays = treedef.unflatten([leaf if _is_array(leaf) else None for leaf in leaves])
+  is_array = [_is_array(leaf) for leaf in leaves]
+  arrays = treedef.unflatten([leaf if a else None for leaf, a in zip(leaves, is_array)])
 
   def rebuild(arrays_tree):
-    got = jax.tree_util.tree_leaves(arrays_tree, is_leaf=lambda v: v is None)  # None marks a held-out leaf
-    return treedef.unflatten([h if h is not None else v for h, v in zip(held, got)])
+    # The arrays in leaf order (None is an empty subtree: neither the held-out places nor the tree's own Nones).
+    got = iter(jax.tree_util.tree_leaves(arrays_tree))
+    return treedef.unflatten([next(got) if a else leaf for leaf, a in zip(leaves, is_array)])
 
   return arrays, rebuild
 

@@ -28,7 +28,8 @@ STRUCTURAL = frozenset(
         P.convert_element_type_p, P.rev_p, P.copy_p, P.gather_p, P.dynamic_slice_p, P.select_n_p,
         P.reduce_precision_p, P.dynamic_update_slice_p, P.sharding_constraint_p,
     )
-) | {"expand_dims", "device_put", "split", "stack", "top_k"}  # top_k: its values are copies of the largest
+) | {"expand_dims", "device_put", "split", "stack", "top_k",  # top_k: its values are copies of the largest
+       "name", "optimization_barrier"}  # identities (checkpoint_name, optimization_barrier)
 
 # Structural ops that may sit between the explained input and the first layer (input region).
 _PERMUTING = frozenset(

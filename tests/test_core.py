@@ -372,3 +372,30 @@ def test_cumulative_sum_is_a_sum():
   np.testing.assert_allclose(r.sum(1), f(X)[:, 0], rtol=1e-5, atol=1e-5)
   r_eps = jax.grad(lambda x: jaxlrp.lrp(lambda _, x: f(x), jaxlrp.EpsilonPlus(), argnums=1)(0, x)[:, 0].sum())(X)
   assert np.all(np.isfinite(r_eps))
+
+
+def test_params_with_none_fields_and_python_numbers():
+  # A parameter tree holding None (an Equinox Linear without bias) next to a Python number (closed over): the
+  # arrays keep their places. LRP-0 on a linear model is gradient x input.
+  w = _normal(4, 3)
+  p = {"a_unused": None, "scale": 2.0, "w": w}
+  f = lambda p, x: p["scale"] * (x @ p["w"])  # noqa: E731
+  res = jaxlrp.attribute(f, X, jaxlrp.Composite(("dense", jaxlrp.Zero())), target=1, params=p)
+  np.testing.assert_allclose(res.relevance, X * 2.0 * w[:, 1], rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoint_names_and_optimization_barriers_are_identities():
+  # checkpoint_name marks a value for a remat policy (save_only_these_names); optimization_barrier orders
+  # computation. Both are identities: under LRP-0 and ReLU the relevance is gradient x input.
+  from jax.ad_checkpoint import checkpoint_name
+  w1, w2 = _normal(4, 6), _normal(6, 3)
+
+  def f(x):
+    h = checkpoint_name(jax.nn.relu(x @ w1), "hidden")
+    return jax.lax.optimization_barrier(h) @ w2
+
+  remat = jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names("hidden"))
+  for fn in (f, remat):
+    g = jaxlrp.lrp(lambda _, x: fn(x), jaxlrp.Composite(("dense", jaxlrp.Zero())), argnums=1)
+    r = jax.grad(lambda x: g(0, x)[:, 0].sum())(X)
+    np.testing.assert_allclose(r, X * jax.grad(lambda x: f(x)[:, 0].sum())(X), rtol=1e-5, atol=1e-6)
