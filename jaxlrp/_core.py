@@ -944,6 +944,7 @@ def _mapped_bound(p: Plan, env, target: int, bound):
   if start is None:
     value = 1 if bound is INPUT_MASK else bound
     start = jnp.broadcast_to(jnp.asarray(value, p.program.avals[root].dtype), p.leaf_shapes[root])
+    start = _same_varying_axes([start, env[root]])[0]  # under shard_map: varying like the input it bounds
   local[root] = start
   chain = a.region_chain(target)
   return (_replay_mask(chain, local, root) if bound is INPUT_MASK else _replay(chain, local))[target]

@@ -261,16 +261,17 @@ def check_vmap_resnet() -> dict:
   return compare(out, ref)
 
 
-def check_shard_map_resnet(check_vma: bool = True) -> dict:
-  """`jax.shard_map`: each device explains its own slice of the batch with the unchanged transform."""
+def check_shard_map_resnet(check_vma: bool = True, preset: str = "EpsilonPlusFlat") -> dict:
+  """`jax.shard_map`: each device explains its own slice of the batch with the unchanged transform (with
+  EpsilonGammaBox: ZBox bounds made inside, varying like the input they bound)."""
   f, variables, x = _cached("resnet", small_resnet)
-  composite = RESNET_PRESETS["EpsilonPlusFlat"]
+  composite = RESNET_PRESETS[preset]
   mesh = jax.make_mesh((N_DEVICES,), ("data",), axis_types=AUTO[:1])
   g = jaxlrp.lrp(f, composite, argnums=1)
   local = lambda v, x: jax.grad(lambda x: g(v, x)[:, 3].sum())(x)  # noqa: E731
   per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"), check_vma=check_vma)
   run = jax.jit(per_device, compiler_options=FAST_COMPILE)
-  ref = _single("resnet/EpsilonPlusFlat", f, composite, variables, x, 3)
+  ref = _single(f"resnet/{preset}", f, composite, variables, x, 3)
   return compare(run(place(variables, mesh, P()), place(x, mesh, P("data"))), ref)
 
 
@@ -312,6 +313,7 @@ CHECKS: dict[str, Callable[[], dict]] = {
     **{f"tp_transformer_{p}": (lambda p=p: check_tp_transformer(p)) for p in TRANSFORMER_PRESETS},
     "vmap_resnet": check_vmap_resnet,
     "shard_map_resnet": check_shard_map_resnet,
+    "shard_map_resnet_EpsilonGammaBox": lambda: check_shard_map_resnet(preset="EpsilonGammaBox"),
     "explicit_dp_resnet": check_explicit_dp_resnet,
     "explicit_tp_mlp": check_explicit_tp_mlp,
 }

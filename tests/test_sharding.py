@@ -32,7 +32,7 @@ CHECKS = [
     "fsdp_resnet_EpsilonPlusFlat",
     "tp_mlp_Epsilon", "tp_mlp_ZPlus", "tp_mlp_Gamma",
     "tp_transformer_AttnLRP", "tp_transformer_CPLRP",
-    "vmap_resnet", "shard_map_resnet",
+    "vmap_resnet", "shard_map_resnet", "shard_map_resnet_EpsilonGammaBox",
     "explicit_dp_resnet", "explicit_tp_mlp",
 ]
 
