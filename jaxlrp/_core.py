@@ -132,6 +132,15 @@ def arrays_only(f: Callable, args: Sequence, kwargs: dict | None = None) -> tupl
   return functools.wraps(f)(with_constants), tuple(arrays)
 
 
+def with_array_params(model: Callable, params) -> tuple[Callable, Any]:
+  """`(model', params')` with `model'(params', *rest) == model(params, *rest)` and only arrays in `params'` (an
+  Equinox module passed whole: its other leaves are closed over, `split_arrays`); unchanged otherwise."""
+  if params is None or all(_is_array(leaf) for leaf in jax.tree_util.tree_leaves(params)):
+    return model, params
+  arrays, rebuild = split_arrays(params)
+  return (lambda p, *rest: model(rebuild(p), *rest)), arrays
+
+
 def _weight_path(analysis: Analysis, wid, paths: dict):
   hops = 0
   while wid is not None and wid not in paths and wid in analysis.producer and hops < 16:

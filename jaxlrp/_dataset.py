@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlrp._attribute import attribute
 from jaxlrp._composites import Composite
+from jaxlrp._core import with_array_params
 
 __all__ = ["attribute_dataset"]
 
@@ -284,6 +285,7 @@ def attribute_dataset(f: Callable, dataset, composite: Composite, *, target, out
     items = ((i, *_split(item, keys)) for i, item in enumerate(dataset))
 
   has_params = params is not None
+  f, params = with_array_params(f, params)  # an Equinox module passed whole
   base_config = {"composite": _composite_key(composite), "target": _target_key(target),
                  "params": _fingerprint(params), "strict": bool(strict)}
   bar = None

@@ -24,6 +24,7 @@ from jaxlrp import _jax, metrics
 from jaxlrp._attribute import attribute
 from jaxlrp._attributors import Attributor
 from jaxlrp._composites import Composite
+from jaxlrp._core import with_array_params
 
 __all__ = ["TuneResult", "tune"]
 
@@ -358,6 +359,7 @@ def tune(model: Callable, x, candidates: Sequence[Method] | Callable[..., Method
   if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"tune: x must be a floating-point batch [B, ...]; got {x.dtype} of shape {x.shape}.")
   has_params = params is not None
+  model, params = with_array_params(model, params)  # an Equinox module passed whole
   args = (params, x) if has_params else (x,)
   closed, _ = _jax.make_jaxpr(model, *args)
   out = closed.out_avals

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlrp import _incremental, _jax
+from jaxlrp._core import with_array_params
 
 __all__ = [
   "perturbation_curve", "aopc", "selectivity", "aopc_from_curve", "auc_from_curve", "faithfulness_correlation",
@@ -596,6 +597,7 @@ def perturbation_curve(model: Callable, x, relevance, target, *, params=None, or
   base_spec, value, urange = _baseline_spec(baseline, x, blur_sigma, uniform_range, key)
   key = _key_or_dummy(key, order == "random", "order='random'")
   target = _targets(target, x.shape[0])
+  model, params = with_array_params(model, params)  # an Equinox module passed whole
   closed: list = []
   traced = _model_program(model, output_fn, params, x, closed_out=closed)
   spec = _CurveSpec(order, int(patch), n, base_spec, chunk_size, None if incremental is None else bool(incremental),
@@ -824,6 +826,7 @@ def faithfulness_correlation(model: Callable, x, relevance, target, *, params=No
   key = _key_or_dummy(key, False, "")
   sim = _similarity(similarity)
   target = _targets(target, x.shape[0])
+  model, params = with_array_params(model, params)  # an Equinox module passed whole
   closed: list = []
   traced = _model_program(model, output_fn, params, x, closed_out=closed)
   spec = _FaithSpec(int(patch), n, int(subset_size), int(num_subsets), subsets is not None, base_spec,

@@ -559,3 +559,11 @@ def test_whole_equinox_module_and_keyword_arguments(impls):
     np.testing.assert_allclose(res.relevance, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     rows = jaxlrp.show_rules(lambda m, x: f(m, x, scale=2.0), composite, model, x, argnums=1, print_table=False)
     assert [r.path for r in rows if r.kind == "dense"] == ["layers/0/weight", "layers/1/weight", "layers/2/weight"]
+    # Metrics and tune take the module whole too: the same numbers as with the partitioned one.
+    whole = lambda m, x: f(m, x, scale=1.0)  # noqa: E731
+    np.testing.assert_allclose(jaxlrp.metrics.aopc(whole, x, want, t, params=model),
+                               jaxlrp.metrics.aopc(impl.f, x, want, t, params=impl.params), rtol=1e-6)
+    tuned = jaxlrp.tune(whole, x, lambda e: jaxlrp.Composite(("dense", jaxlrp.Epsilon(e))), grid={"e": [1e-6, 0.1]},
+                        target=t, params=model)
+    np.testing.assert_allclose(tuned.scores, jaxlrp.tune(impl.f, x, lambda e: jaxlrp.Composite(
+        ("dense", jaxlrp.Epsilon(e))), grid={"e": [1e-6, 0.1]}, target=t, params=impl.params).scores, rtol=1e-6)
