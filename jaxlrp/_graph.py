@@ -58,6 +58,8 @@ _LINEAR_ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "neg", "convert_ele
                                  "reduce_precision"})
 
 KINDS = ("dense", "conv", "bilinear", "gate", "softmax", "norm", "activation", "add", "sum", "avg_pool", "max_pool")
+# Ops that pick elements of one value: a selection of gate values is a gate (a step's slice of precomputed gates).
+_SELECTING = frozenset({"slice", "dynamic_slice", "gather", "rev", "top_k"})
 _SHAPE_ONLY = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "expand_dims",
                          "transpose", "copy"})
 
@@ -323,7 +325,7 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
 
   def _region_with(v, prims) -> bool:
     """`v` is (a reshape/broadcast of) a region value computed with one of `prims`."""
-    while v not in root_of and v in producer and producer[v].prim_name in _SHAPE_ONLY | {"mul", "div"}:
+    while v not in root_of and v in producer and producer[v].prim_name in _SHAPE_ONLY | _SELECTING | {"mul", "div"}:
       ins = [a for a in producer[v].ins if isinstance(a, int) and a in data]
       if len(ins) != 1:
         return False
@@ -334,7 +336,7 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
     """A sigmoid branch (SE blocks, LSTM gates, SiLU) or a softmax output (attention weights)."""
     if _region_with(v, ("logistic",)):
       return True
-    while v in producer and (producer[v].prim_name in _SHAPE_ONLY | {"top_k"} or _masks(producer[v])):
+    while v in producer and (producer[v].prim_name in _SHAPE_ONLY | _SELECTING or _masks(producer[v])):
       v = next((a for a in producer[v].ins if isinstance(a, int) and a in data), None)
     return v in producer and getattr(unit_of.get(producer[v]), "kind", None) == "softmax"
 
@@ -394,7 +396,8 @@ def analyse(program: Program, explained: list, relevance_inputs=True) -> Analysi
         break
       name = n.prim_name
       others = [a for a in n.ins if a != cur]
-      if any(isinstance(a, int) and a in data for a in others) or n.ins.count(cur) != 1:
+      # (an operand computed from the data behind stop_gradient may come after the unit: not an epilogue)
+      if any(isinstance(a, int) and (a in data or a in dependent) for a in others) or n.ins.count(cur) != 1:
         break
       out = n.outs[0]
       if shifts_only:

@@ -399,3 +399,17 @@ def test_checkpoint_names_and_optimization_barriers_are_identities():
     g = jaxlrp.lrp(lambda _, x: fn(x), jaxlrp.Composite(("dense", jaxlrp.Zero())), argnums=1)
     r = jax.grad(lambda x: g(0, x)[:, 0].sum())(X)
     np.testing.assert_allclose(r, X * jax.grad(lambda x: f(x)[:, 0].sum())(X), rtol=1e-5, atol=1e-6)
+
+
+def test_stop_gradient_values_after_a_layer_are_not_its_epilogue():
+  # x @ w + stop_gradient(x) and the hand-written stable softmax exp(s - stop_gradient(max s)): the held value is
+  # computed after the layer, so it cannot be the layer's bias (a KeyError in the forward before). It is a constant
+  # of the explanation: under LRP-0 the relevance is the model's gradient x input.
+  w, v = _normal(4, 4), _normal(4, 3)
+  for f in (lambda x: (x @ w + jax.lax.stop_gradient(x)) @ v,
+            lambda x: jnp.exp((s := x @ w) - jax.lax.stop_gradient(s.max(-1, keepdims=True))) @ v):
+    g = jaxlrp.lrp(lambda _, x: f(x), jaxlrp.Composite(("dense", jaxlrp.Zero()), ("activation", jaxlrp.Gradient())),
+                   argnums=1)
+    np.testing.assert_array_equal(jax.jit(g)(0, X), jax.jit(f)(X))
+    r = jax.grad(lambda x: g(0, x)[:, 0].sum())(X)
+    np.testing.assert_allclose(r, X * jax.grad(lambda x: f(x)[:, 0].sum())(X), rtol=1e-5, atol=1e-6)

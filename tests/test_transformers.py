@@ -213,3 +213,16 @@ def test_top_k_router_weights_are_a_gate():
   g = jaxlrp.lrp(lambda _, x: moe(x), jaxlrp.CPLRP(), argnums=1)
   rel = jax.grad(lambda x: g(0, x)[:, 0].sum())(x)
   np.testing.assert_allclose(rel.sum(1), moe(x)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_slice_of_gates_is_a_gate():
+  # Gates computed for all steps at once, then indexed per step: sigmoid(x @ wa)[:, t] * (x @ wb)[:, t] is the same
+  # gate as (sigmoid(x @ wa) * (x @ wb))[:, t]. CP-LRP holds it constant in both spellings.
+  wa, wb = _normal(8, 4), _normal(8, 4)
+  x = _normal(3, 8)
+  sliced = lambda _, x: jax.nn.sigmoid(x @ wa)[:, 1:3] * (x @ wb)[:, 1:3]  # noqa: E731
+  whole = lambda _, x: (jax.nn.sigmoid(x @ wa) * (x @ wb))[:, 1:3]  # noqa: E731
+  rel = {name: jax.grad(lambda x: jaxlrp.lrp(f, jaxlrp.CPLRP(), argnums=1)(0, x).sum())(x)
+         for name, f in (("sliced", sliced), ("whole", whole))}
+  assert "gate" in [r.kind for r in jaxlrp.show_rules(sliced, jaxlrp.CPLRP(), 0, x, argnums=1, print_table=False)]
+  np.testing.assert_allclose(rel["sliced"], rel["whole"], rtol=1e-5, atol=1e-6)
