@@ -14,7 +14,7 @@ import numpy as np
 from jaxlrp import _jax
 from jaxlrp._attributors import Attributor
 from jaxlrp._composites import Composite, Selector, as_selector
-from jaxlrp._core import _walk, arrays_only, lrp, lrp_vjp, plan
+from jaxlrp._core import _walk, arrays_only, lrp, lrp_vjp, plan, with_array_params
 from jaxlrp._rules import Rule
 
 __all__ = ["Attribution", "attribute", "normalize", "RuleRow", "show_rules"]
@@ -365,8 +365,7 @@ def attribute(f: Callable, x, method: Composite | Attributor, *, target, params=
                     f"gradient at an intermediate value use jax.vjp on the part of f above it; for LRP at that "
                     f"layer pass a composite (e.g. jaxlrp.EpsilonPlusFlat()).")
   has_params = params is not None
-  if has_params:  # an Equinox module as the parameters: its functions and Python numbers are constants
-    f, (params, x) = arrays_only(f, (params, x))
+  f, params = with_array_params(f, params)  # an Equinox module passed whole: its other leaves are constants
   args = (params, x) if has_params else (x,)
   if not isinstance(method, Composite) and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise TypeError(f"attribute explains a floating-point input; got x of dtype {jnp.result_type(x)}. Gradient "

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlrp._composites import Composite
-from jaxlrp._core import arrays_only, lrp_vjp, plan, run, select_layers, split_arrays
+from jaxlrp._core import arrays_only, lrp_vjp, plan, run, select_layers, with_array_params
 
 __all__ = ["ConceptRelevance", "conditional_relevance", "relevance_maximization"]
 
@@ -151,9 +151,7 @@ def relevance_maximization(f: Callable, batches: Iterable, composite: Composite,
     ([[2, 0], [1, 2]], [[3.0, 1.0], [2.0, 1.0]])
   """
   scores = []
-  if params is not None:  # an Equinox module as the parameters: jit takes its arrays, the rest is closed over
-    params, rebuild, model = *split_arrays(params), f
-    f = lambda p, x: model(rebuild(p), x)  # noqa: E731
+  f, params = with_array_params(f, params)  # an Equinox module passed whole: jit takes its arrays
 
   @jax.jit
   def channel_relevance(params, x):

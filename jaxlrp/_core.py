@@ -977,7 +977,7 @@ def _replay_mask(chain: list, env, root: int):
     args = []
     for a in e.ins:
       v = a.val if isinstance(a, Lit) else env[a]
-      if e.prim_name in ("pad", "concatenate") and not (isinstance(a, int) and a in mine):
+      if e.prim_name in _ADDS_CONSTANTS and not (isinstance(a, int) and a in mine):
         v = jnp.zeros_like(v)  # the pad value; a concatenated constant
       args.append(v)
     if e.prim_name in ("add", "sub", "mul", "div", "neg"):  # (the input region's shape-preserving affine ops)
@@ -989,15 +989,21 @@ def _replay_mask(chain: list, env, root: int):
   return env
 
 
+_ADDS_CONSTANTS = ("pad", "concatenate")  # input-region ops that can put constants beside the input's elements
+
+
+def _has_constants(a: Analysis, x: int, env) -> bool:
+  """Some elements of `x` (in relevance form) may be constants: its input region pads or concatenates, or the
+  enclosing scan or cond passed an explained-input mask for its root."""
+  return (any(e.prim_name in _ADDS_CONSTANTS for e in a.region_chain(x))
+          or ("bound", a.explained_root(x), _bound_key(INPUT_MASK)) in env)
+
+
 def _input_mask(p: Plan, unit: Unit, env):
-  """The explained-input mask of an input-layer rule's input, where the input region pads or concatenates
-  constants (Flat and WSquare count only those inputs: as for a convolution's own zero padding); else None."""
-  chain = p.analysis.region_chain(unit.data_ins[0])
-  root = p.analysis.explained_root(unit.data_ins[0])
-  if not any(e.prim_name in ("pad", "concatenate") for e in chain) and (
-      ("bound", root, _bound_key(INPUT_MASK)) not in env):
-    return None
-  return _mapped_bound(p, env, unit.data_ins[0], INPUT_MASK)
+  """The explained-input mask of an input-layer rule's input, where it may hold constants (Flat and WSquare count
+  only the input's elements: as for a convolution's own zero padding); else None."""
+  x = unit.data_ins[0]
+  return _mapped_bound(p, env, x, INPUT_MASK) if _has_constants(p.analysis, x, env) else None
 
 
 def _child_bounds(p: Plan, env, children: list, ins: list) -> dict:
@@ -1013,8 +1019,7 @@ def _child_bounds(p: Plan, env, children: list, ins: list) -> dict:
     if not (isinstance(x, int) and x in a.relevance_form):
       continue
     own = dict(bounds)
-    if any(e.prim_name in ("pad", "concatenate") for e in a.region_chain(x)) or (
-        ("bound", a.explained_root(x), _bound_key(INPUT_MASK)) in env):
+    if _has_constants(a, x, env):
       own[_bound_key(INPUT_MASK)] = INPUT_MASK
     mapped[k] = {i: _mapped_bound(p, env, x, b) for i, b in own.items()}
   return mapped
